@@ -1,0 +1,297 @@
+"""A single-file Llama (Llama-2/3/3.1/3.2, Mistral, SmolLM2, Qwen2): GQA, RMSNorm, SwiGLU, optional
+q/k/v bias, explicit positions, HF config.json + safetensors in and out.
+
+Shapes: B batch, T time, D model dim, H query heads, K kv heads, hd head dim, F ffn dim, V vocab.
+Parameter names are the HF checkpoint's minus the `model.` prefix, so loading needs no mapping table.
+"""
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+HF_KEYS = {  # our field -> HF config.json key
+    "vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps", "max_pos": "max_position_embeddings",
+    "tie_embeddings": "tie_word_embeddings"}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    ffn_dim: int = 1536
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling dict; None = default RoPE
+    max_pos: int = 8192
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias also sets o_bias
+    o_bias: bool = False
+    hf: dict = field(default_factory=dict, repr=False)  # the rest of config.json, passed through
+
+    @classmethod
+    def from_hf(cls, d, source="config.json"):
+        """From an HF config dict (Llama, Mistral, Qwen2 families)."""
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "vocab_size") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing key(s) {missing}; is this an HF Llama-family config?")
+        if d.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        kw = {f: d[k] for f, k in HF_KEYS.items() if d.get(k) is not None}
+        kw.setdefault("n_kv_heads", d["num_attention_heads"])
+        kw["head_dim"] = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        rp = dict(d.get("rope_parameters") or {})  # transformers 5.x
+        kw["rope_theta"] = float(d.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+        scaling = d.get("rope_scaling") or {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            kw["rope_scaling"] = {"rope_type": scaling.get("rope_type", scaling.get("type")),
+                                  **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
+        qwen = d.get("model_type") == "qwen2"
+        kw["qkv_bias"] = bool(qwen or d.get("attention_bias"))
+        kw["o_bias"] = bool(not qwen and d.get("attention_bias"))
+        cfg = cls(**kw, hf=dict(d))
+        rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_pos)  # validates
+        return cfg
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            return cls.from_hf(json.load(f), source=path)
+
+    def to_hf(self):
+        """HF config dict with the RoPE written both ways (legacy rope_theta/rope_scaling for
+        transformers 4.x and vLLM, rope_parameters for transformers 5.x), consistent."""
+        d = {k: v for k, v in self.hf.items() if k not in ("rope_scaling", "rope_parameters")}
+        d.setdefault("architectures", ["Qwen2ForCausalLM" if self.qkv_bias and not self.o_bias
+                                       else "LlamaForCausalLM"])
+        d.setdefault("model_type", "qwen2" if self.qkv_bias and not self.o_bias else "llama")
+        d.update({k: getattr(self, f) for f, k in HF_KEYS.items()}, head_dim=self.head_dim,
+                 hidden_act="silu", rope_theta=self.rope_theta, rope_scaling=self.rope_scaling)
+        if d["model_type"] != "qwen2":
+            d["attention_bias"] = self.qkv_bias
+        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}),
+                                "rope_theta": self.rope_theta}
+        return d
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 as HF does."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.H, self.K, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)  # (B,H,T,hd)
+        k = self.k_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)  # (B,K,T,hd)
+        v = self.v_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)  # (B,K,T,hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.K != self.H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd)), (q, k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x)."""
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin):
+        a, qkv = self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), qkv
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpointing = False  # per-block activation checkpointing (recompute in backward)
+
+    def set_rope(self, theta, scaling=None, max_pos=None):
+        """Change the RoPE (ABF: theta; PI/YaRN/llama3: an HF scaling dict); weights untouched."""
+        self.cfg.rope_theta, self.cfg.rope_scaling = float(theta), scaling
+        self.cfg.max_pos = max_pos or self.cfg.max_pos
+        rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, scaling, self.cfg.max_pos)
+        return self
+
+    def rope(self, positions, dtype):
+        c = self.cfg
+        inv_freq, attn = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.max_pos)
+        return rope_cos_sin(positions, inv_freq, attn, dtype)
+
+    def forward_hidden(self, tokens, positions=None, hidden_layers=(), qkv_layers=()):
+        """tokens (B,T) -> (final-norm hidden (B,T,D), cap). cap["hidden"][l] is the residual stream
+        after block l; cap["q"/"k"/"v"][l] are layer l's post-RoPE q (B,H,T,hd), k and v (B,K,T,hd)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        if positions.shape[-1] != T:
+            raise ValueError(f"positions {tuple(positions.shape)} do not match tokens {(B, T)}")
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope(positions, x.dtype)  # (T,hd) or (B,T,hd)
+        cap = {"hidden": {}, "q": {}, "k": {}, "v": {}}
+        for i, block in enumerate(self.layers):
+            if self.checkpointing and self.training:
+                x, qkv = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, qkv = block(x, cos, sin)
+            if i in hidden_layers:
+                cap["hidden"][i] = x
+            if i in qkv_layers:
+                cap["q"][i], cap["k"][i], cap["v"][i] = qkv
+        return self.norm(x), cap
+
+    def forward(self, tokens, positions=None):
+        """tokens (B,T) int64, positions None | (T,) | (B,T) -> logits (B,T,V)."""
+        return self.lm_head(self.forward_hidden(tokens, positions)[0])
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, rope=None):
+        """Load an HF folder (config.json + model.safetensors or a sharded index). `rope` overrides the
+        config's RoPE with HF keys: {"rope_theta", "rope_scaling", "max_position_embeddings"}."""
+        cfg = LlamaConfig.from_json(_need(path, "config.json"))
+        if rope:
+            cfg.rope_theta = float(rope.get("rope_theta", cfg.rope_theta))
+            cfg.rope_scaling = rope.get("rope_scaling", cfg.rope_scaling)
+            cfg.max_pos = int(rope.get("max_position_embeddings", cfg.max_pos))
+        dtype = dtype or getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")
+                                            or "float32"), torch.float32)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(load_safetensors(path, model), assign=True, strict=False)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.to(dtype)
+
+    def save_pretrained(self, path):
+        save_pretrained(self.cfg, self.state_dict(), path)
+
+
+def _need(path, name):
+    p = os.path.join(path, name)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p} not found: an HF model folder needs {name} "
+                                "(run `python data.py setup` for the default model)")
+    return p
+
+
+def load_safetensors(path, model):
+    """State dict for `model` from model.safetensors or model.safetensors.index.json in `path`,
+    names with the `model.` prefix stripped, shapes checked against the config."""
+    from safetensors import SafetensorError, safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = [os.path.basename(_need(path, "model.safetensors"))]
+    want = {k: v for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        want.pop("lm_head.weight")
+    sd = {}
+    for name in files:
+        fname = _need(path, name)
+        try:
+            with safe_open(fname, framework="pt") as f:
+                for key in f.keys():
+                    k = key.removeprefix("model.")
+                    if k not in want:
+                        continue  # e.g. rotary inv_freq buffers, a tied lm_head
+                    t = f.get_tensor(key)
+                    if t.shape != want[k].shape:
+                        raise ValueError(f"{fname}: {key} has shape {tuple(t.shape)} but config.json "
+                                         f"implies {tuple(want[k].shape)}; config and weights differ")
+                    sd[k] = t
+        except (OSError, SafetensorError) as e:  # a truncated or corrupt file
+            raise ValueError(f"{fname}: cannot read safetensors ({e}); the file is corrupt or "
+                             "truncated, download or export it again") from e
+    missing = sorted(set(want) - set(sd))
+    if missing:
+        raise ValueError(f"{path}: weights missing from the checkpoint: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    return sd
+
+
+def save_pretrained(cfg, state_dict, path, shard_bytes=4 << 30):
+    """Write an HF folder: config.json and safetensors (sharded above `shard_bytes`, with an index)."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    sd = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()
+          for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        if size and size + v.nbytes > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = v, size + v.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def n_params(model, embeddings=True):
+    n = sum(p.numel() for p in model.parameters())
+    return n if embeddings else n - model.embed_tokens.weight.numel()
+
+
+if __name__ == "__main__":
+    import sys
+    path = sys.argv[1] if len(sys.argv) > 1 else "assets/smollm2-135m"
+    m = Llama.from_pretrained(path)
+    print(m.cfg, f"\n{n_params(m) / 1e6:.1f}M parameters")
