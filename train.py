@@ -1,0 +1,526 @@
+"""Extend a Llama's context window and restore what the scaling breaks, by distilling from the original.
+
+    torchrun --nproc_per_node=8 train.py --target 32768                 # LongReD-C, the default
+    python train.py --method linearard --target 32768 --init PATH      # any HF Llama-family folder
+
+One dial: --target. The scale factor s = target / orig, window lengths, the preset's losses and weights,
+the gradient accumulation (from a token batch) and the step count (from a token budget) derive from it;
+every derived value is printed at start. Teacher = the original model, frozen; student = same weights,
+scaled RoPE. Micro-step kinds: long (T_target windows, CE), short (1K texts: CE or LongReD hidden
+cosine), s2l (T_orig texts: CE or LongReD short-to-long cosine), rel (LinearARD relation KL), kd (SDLC).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import data
+import distill
+from model import Llama, LlamaConfig, _need, save_pretrained
+from rope import extend, phase_thetas, skipped_positions
+
+
+@dataclass
+class Config:
+    method: str = "longred-c"   # cpt | mix-cpt | longred-u | longred-c | linearard | linearard+cpt | kd
+    target: int = 32768         # the one dial: the context window to reach
+    init: str = "assets/smollm2-135m"  # HF folder of the original model (teacher and student start)
+    data: str = "assets/tokens"  # folder of token shards from `python data.py prepare`
+    out: str = "runs/default"   # checkpoints, log.jsonl, loss.png, final/ (the exported student)
+    orig: int = 0               # original window; 0 = the model's max_position_embeddings
+    rope: str = ""              # none | pi | abf | ntk | yarn | llama3; "" = the preset's
+    abf_theta: float = 0.0      # ABF theta; 0 = theta * 10 s
+    tokens: int = 0             # training budget in tokens; 0 = the preset's
+    batch_tokens: int = 0       # tokens per optimizer step, all ranks; 0 = the preset's
+    micro_tokens: int = 0       # tokens per micro-step per rank; 0 = target
+    steps: int = 0              # optimizer steps; 0 = tokens // batch_tokens
+    lr: float = 2e-5
+    final_lr: float = 1.0       # cosine decay to final_lr * lr (1 = constant)
+    warmup: int = 0
+    wd: float = 0.1
+    beta2: float = 0.95
+    clip: float = 1.0
+    alpha1: float = -1.0        # LongReD short-distillation weight; -1 = 5 (s <= 4) or 2
+    alpha2: float = -1.0        # LongReD short-to-long weight; -1 = 10 (s <= 4) or 15
+    distill_layers: int = 0     # LongReD M+1 (M by attention KL + the last); 0 = 6 (s <= 4) or 3
+    short_len: int = 1024       # LongReD short texts
+    rel_len: int = 0            # LinearARD window; 0 = min(orig, 4096)
+    rel_norm: str = "own"       # own: per relation by its head count | query: LinearARD's code
+    rel_tokens: int = 0         # linearard+cpt: tokens of the relation stage; 0 = 144 x 16384
+    kd_temperature: float = 1.0
+    kd_ce: float = 0.0          # weight of CE mixed into the SDLC logit KD
+    phases: str = ""            # kd: comma-separated window lengths; "" = doubling up to target
+    train_params: str = ""      # regex on parameter names to train; "" = the preset's (all)
+    dtype: str = "auto"         # bfloat16 | float32; auto = bf16 on CUDA, fp32 on CPU
+    fsdp: bool = False          # FSDP2: shard student and teacher (models DDP cannot hold)
+    checkpointing: bool = False  # per-block activation checkpointing
+    save_every: int = 0         # optimizer steps between checkpoints; 0 = only at the end
+    resume: bool = False        # continue from out/ckpt (refused if the config differs)
+    seed: int = 0
+
+
+PRESETS = {  # method: student RoPE, micro-step mix (per 16 micro-steps), budget, batch (SPEC 4)
+    "cpt": dict(rope="abf", mix={"long": 16}),
+    "mix-cpt": dict(rope="abf", mix={"short": 6, "s2l": 2, "long": 8}),
+    "longred-u": dict(rope="abf", mix={"short": 6, "s2l": 2, "long": 8}, skip="uniform"),
+    "longred-c": dict(rope="abf", mix={"short": 6, "s2l": 2, "long": 8}, skip="cream"),
+    "linearard": dict(rope="pi", mix={"rel": 16}, tokens=144 * 16384, batch_tokens=16384,
+                      train_params=r"\.(q|k|v)_proj\.", warmup=4, final_lr=0.9, clip=5.0),
+    "linearard+cpt": dict(rope="pi", mix={"rel": 16}, then={"long": 16}, warmup=4, clip=5.0,
+                          train_params=r"\.(q|k|v)_proj\."),
+    "kd": dict(rope="phase", mix={"kd": 16}),
+}
+FULL_KINDS = ("long", "kd")  # micro-steps whose loss reaches every trainable parameter
+
+
+def parse_args(argv=None):
+    """argparse generated from Config: --help lists every knob, typos fail."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    comments = _field_comments()
+    for f in fields(Config):
+        kw = dict(default=f.default, help=comments.get(f.name, ""))
+        if f.type is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", **kw)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, **kw)
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.method not in PRESETS:
+        p.error(f"--method {cfg.method!r}: choose from {', '.join(PRESETS)}")
+    return cfg
+
+
+def _field_comments():
+    src = open(__file__).read().split("class Config")[1].split("PRESETS")[0]
+    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", src, re.M))
+
+
+def derive(cfg, model_cfg, world):
+    """Every value the one dial implies. -> dict, printed once at start."""
+    orig = cfg.orig or model_cfg.max_pos
+    s = cfg.target / orig
+    if s <= 1:
+        raise ValueError(f"--target {cfg.target} must exceed the original window {orig} (--orig)")
+    pre = PRESETS[cfg.method]
+    micro = cfg.micro_tokens or cfg.target
+    batch = cfg.batch_tokens or pre.get("batch_tokens", 2 * 2**20)
+    batch = max(batch // (micro * world), 1) * micro * world
+    tokens = cfg.tokens or pre.get("tokens", 2**30)
+    rope_kind = cfg.rope or pre["rope"]
+    d = dict(orig=orig, s=s, micro_tokens=micro, batch_tokens=batch, accum=batch // (micro * world),
+             steps=cfg.steps or max(tokens // batch, 1), rope=rope_kind,
+             alpha1=cfg.alpha1 if cfg.alpha1 >= 0 else (5.0 if s <= 4 else 2.0),
+             alpha2=cfg.alpha2 if cfg.alpha2 >= 0 else (10.0 if s <= 4 else 15.0),
+             distill_layers=min(cfg.distill_layers or (6 if s <= 4 else 3), model_cfg.n_layers),
+             rel_len=cfg.rel_len or min(orig, 4096), skip=pre.get("skip"),
+             train_params=cfg.train_params or pre.get("train_params", ""),
+             warmup=cfg.warmup or pre.get("warmup", 0), clip=pre.get("clip", cfg.clip),
+             final_lr=pre.get("final_lr", cfg.final_lr))
+    if rope_kind == "phase":
+        lengths = [int(x) for x in cfg.phases.split(",")] if cfg.phases else \
+            [orig * 2**k for k in range(1, 64) if orig * 2**k < cfg.target] + [cfg.target]
+        d["phases"] = phase_thetas(model_cfg.rope_theta, model_cfg.head_dim, orig, lengths)
+    else:
+        d["theta"], d["scaling"] = extend(rope_kind, model_cfg.rope_theta, model_cfg.head_dim,
+                                          orig, cfg.target, cfg.abf_theta)
+    d["rel_steps"] = min((cfg.rel_tokens or 144 * 16384) // batch, d["steps"]) \
+        if "then" in pre else d["steps"]
+    return d
+
+
+def schedule(mix, n):
+    """n micro-step kinds in the proportions of `mix` (largest remainder), full-loss kinds last."""
+    total = sum(mix.values())
+    counts = {k: max(int(v * n // total), 1 if v else 0) for k, v in mix.items()}
+    while sum(counts.values()) > n:
+        counts[max(counts, key=counts.get)] -= 1
+    while sum(counts.values()) < n:
+        counts[max(mix, key=lambda k: mix[k] * n / total - counts[k])] += 1
+    return [k for k in sorted(counts, key=lambda k: k in FULL_KINDS) for _ in range(counts[k])]
+
+
+def lm_loss(h, w, targets, chunk=4096):
+    """Mean next-token CE through the LM head, C tokens at a time; each chunk's (C,V) logits are
+    recomputed in backward, so (T,V) logits never exist. h (N,D), w (V,D), targets (N,), -100 = skip."""
+    def part(hc, tc):
+        return F.cross_entropy((hc @ w.t()).float(), tc, ignore_index=-100, reduction="sum")
+    total = sum(checkpoint(part, hc, tc, use_reentrant=False)
+                for hc, tc in zip(h.split(chunk), targets.split(chunk)))
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+class Call(nn.Module):
+    """Routes the wrapper's forward to fn(model, ...) so that DDP/FSDP2 hooks run around the whole
+    micro-step (forward_hidden plus the loss through the LM head)."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+def shift(x):
+    """Next-token targets for windows x (B,T): x[:, 1:] and -100 at the end. -> (B*T,)"""
+    return torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), 1).flatten()
+
+
+def micro_loss(kind, cfg, d, x, pos, teacher, gen):
+    """The loss function of one micro-step; teacher outputs computed here without grad."""
+    method, layers = cfg.method, d.get("layers", ())
+    if kind == "long" or (method == "mix-cpt" and kind in ("short", "s2l")):
+        return lambda m: lm_loss(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight, shift(x))
+    if kind == "short":  # LongReD L_short: selected blocks, the last one as the final-norm state
+        blocks = layers[:-1]
+        with torch.no_grad():
+            ht, ct = teacher(lambda m: m.forward_hidden(x, pos, hidden_layers=blocks))
+        def short(m):
+            hs, cs = m.forward_hidden(x, pos, hidden_layers=blocks)
+            return d["alpha1"] * distill.hidden_cosine_loss(
+                [cs["hidden"][i] for i in blocks] + [hs], [ct["hidden"][i] for i in blocks] + [ht])
+        return short
+    if kind == "s2l":  # LongReD L_s2l: teacher at 0..T_orig-1, student at skipped ids
+        with torch.no_grad():
+            ht = teacher(lambda m: m.forward_hidden(x, pos)[0])
+        spos = skipped_positions(x.shape[1], cfg.target, d["skip"], gen).to(x.device)
+        return lambda m: d["alpha2"] * distill.hidden_cosine_loss([m.forward_hidden(x, spos)[0]], [ht])
+    if kind == "rel":  # LinearARD: relation KL of Q/Q, K/K, V/V on every layer
+        every = tuple(range(d["n_layers"]))
+        with torch.no_grad():
+            ct = teacher(lambda m: m.forward_hidden(x, pos, qkv_layers=every)[1])
+        return lambda m: distill.relation_loss(ct, m.forward_hidden(x, pos, qkv_layers=every)[1],
+                                               every, norm=cfg.rel_norm)
+    if kind == "kd":  # SDLC: packed window for the student, each document alone for the teacher
+        with torch.no_grad():
+            ht, wt = teacher(lambda m: (per_document_hidden(m, x, d["eos"]), m.lm_head.weight))
+        tgt = shift(x) if cfg.kd_ce else None
+        return lambda m: distill.logit_kd(m.forward_hidden(x, pos)[0].flatten(0, 1), ht,
+                                          m.lm_head.weight, wt, temperature=cfg.kd_temperature,
+                                          targets=tgt, ce_weight=cfg.kd_ce)
+    raise ValueError(kind)
+
+
+def per_document_hidden(model, x, eos):
+    """Final hidden state of each document of packed windows x (B,T) run alone from position 0
+    (ours: the original model sees short documents as it was trained). -> (B*T, D)"""
+    segs = []
+    for b, row in enumerate(x.tolist()):
+        start = 0
+        for t, tok in enumerate(row):
+            if tok == eos or t == len(row) - 1:
+                segs.append((b, start, t + 1))
+                start = t + 1
+    n = max(e - s for _, s, e in segs)
+    batch = torch.full((len(segs), n), eos, dtype=x.dtype, device=x.device)
+    for i, (b, s, e) in enumerate(segs):
+        batch[i, :e - s] = x[b, s:e]
+    h = model.forward_hidden(batch)[0]
+    return torch.cat([h[i, :e - s] for i, (_, s, e) in enumerate(segs)])
+
+
+def select_layers(cfg, d, student, teacher, tokens, device, rank):
+    """LongReD: attention KL per layer between teacher and scaled student on T_orig texts; the
+    M largest plus the last layer. The same on every rank (rank 0 decides)."""
+    x, pos = data.windows(tokens, d["orig"], 1, cfg.seed, 2**62, 0)
+    x, pos = torch.as_tensor(x, device=device), torch.as_tensor(pos, device=device)
+    every = tuple(range(d["n_layers"]))
+    with torch.no_grad():
+        ct = teacher(lambda m: m.forward_hidden(x, pos, qkv_layers=every)[1])
+        cs = student(lambda m: m.forward_hidden(x, pos, qkv_layers=every)[1])
+        kl = distill.attention_kl_per_layer(ct, cs, every)
+    layers = [distill.select_layers(kl, d["distill_layers"] - 1)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(layers, src=0)
+    if rank == 0:
+        print("attention KL per layer:", " ".join(f"{k:.3g}" for k in kl), "-> layers", layers[0])
+    return layers[0]
+
+
+def setup_dist():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPU. -> rank, world, device"""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build(cfg, d, dtype, device, world):
+    """Frozen teacher (original RoPE, `dtype`) and student (fp32 master weights, scaled RoPE), each
+    behind `Call`, the student in DDP or both in FSDP2 (per block, then the root)."""
+    teacher = Llama.from_pretrained(cfg.init, dtype=dtype).requires_grad_(False).eval()
+    student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
+    if d["rope"] == "phase":
+        student.set_rope(d["phases"][0][1], None, max_pos=cfg.target)
+    else:
+        student.set_rope(d["theta"], d["scaling"], max_pos=cfg.target)
+    pattern = re.compile(d["train_params"] or ".")
+    for name, p in student.named_parameters():
+        p.requires_grad_(bool(pattern.search(name)))
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ValueError(f"--train-params {d['train_params']!r} matches no parameter name")
+    student.checkpointing = teacher.checkpointing = cfg.checkpointing
+    student, teacher = Call(student.to(device)), Call(teacher.to(device))
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for m in (student, teacher):
+            for block in m.model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(m, mp_policy=mp)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        kinds = schedule(PRESETS[cfg.method]["mix"], d["accum"] * world)[-world:]
+        student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=not all(k in FULL_KINDS for k in kinds))
+    return student, teacher
+
+
+def load_tokens(cfg, init_cfg):
+    """All shards of cfg.data (not its heldout/), checked against the model's tokenizer and vocab."""
+    if not os.path.isdir(cfg.data):
+        raise FileNotFoundError(f"--data {cfg.data}: no such folder; run `python data.py setup` or "
+                                "`python data.py prepare --out DIR your_texts`")
+    shards = sorted(os.path.join(cfg.data, f) for f in os.listdir(cfg.data) if f.endswith(".bin"))
+    if not shards:
+        raise FileNotFoundError(f"--data {cfg.data}: no .bin token shards in it")
+    try:
+        enc = data.load_tokenizer(cfg.init)
+        tok_hash, eos = data.tokenizer_hash(enc), enc.eos_id
+    except FileNotFoundError:
+        tok_hash, eos = None, init_cfg.hf.get("eos_token_id", 0)
+    tokens = np.concatenate([data.read_shard(p, tok_hash, init_cfg.vocab_size) for p in shards])
+    return tokens, tok_hash, eos
+
+
+def lr_at(step, d, cfg):
+    """Linear warm-up, then cosine from lr to final_lr * lr (final_lr = 1: constant, LongReD)."""
+    if step < d["warmup"]:
+        return cfg.lr * (step + 1) / d["warmup"]
+    t = (step - d["warmup"]) / max(d["steps"] - d["warmup"], 1)
+    return cfg.lr * (d["final_lr"] + (1 - d["final_lr"]) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def flops(kind, B, T, n_layers, d_attn, N, train=True):
+    """Model FLOPs of a micro-step: student 6N + 6 L T d_attn per token (causal-halved), teacher
+    2N + 2 L T d_attn; N counts every matmul weight (the LM head too, not the embedding lookup)."""
+    student = 6 * N + 6 * n_layers * T * d_attn
+    teacher = 0 if kind == "long" else 2 * N + 2 * n_layers * T * d_attn
+    return B * T * (student + teacher)
+
+
+def batch_for(kind, tokens, starts, cfg, d, step_len, j, device):
+    """The micro-batch of global micro-step j: a pure function of (seed, j)."""
+    length = {"long": cfg.target, "short": cfg.short_len, "s2l": d["orig"], "rel": d["rel_len"],
+              "kd": step_len}[kind]
+    B = max(d["micro_tokens"] // length, 1)
+    if kind == "kd":
+        x, pos = data.packed(tokens, starts, length, B, cfg.seed, j, max_doc=d["orig"])
+    else:
+        x, pos = data.windows(tokens, length, B, cfg.seed, j, 0,
+                              starts=starts if kind == "short" else None)
+    return torch.as_tensor(x, device=device), torch.as_tensor(pos, device=device)
+
+
+META = ("method", "target", "orig", "rope", "abf_theta", "batch_tokens", "micro_tokens", "seed",
+        "train_params", "fsdp")
+
+
+def checkpoint_meta(cfg, d, world, tok_hash, init_cfg):
+    m = {k: getattr(cfg, k) for k in META}
+    m.update(world=world, tokenizer=tok_hash, model=json.dumps(init_cfg.to_hf(), sort_keys=True),
+             rope_derived=json.dumps([d.get("theta"), d.get("scaling"), d.get("phases")]))
+    return m
+
+
+def save_checkpoint(path, student, opt, step, meta, rank):
+    """Full state on rank 0, written to path.tmp and renamed: a crash never leaves half a checkpoint."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        msd, osd = get_state_dict(student, opt,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        msd, osd = student.state_dict(), opt.state_dict()
+    if rank == 0:
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save({"model": msd, "optim": osd, "step": step, "meta": meta}, f"{tmp}/state.pt")
+        if os.path.isdir(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, student, opt, meta):
+    """-> the step to continue from; refuses a checkpoint whose config differs, naming the field."""
+    for p in (path, path + ".old"):  # .old: a crash between the two renames of save_checkpoint
+        if os.path.isfile(f"{p}/state.pt"):
+            break
+    else:
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}/state.pt")
+    ck = torch.load(f"{p}/state.pt", map_location="cpu", weights_only=False, mmap=True)
+    for k, v in meta.items():
+        if ck["meta"].get(k) != v:
+            raise ValueError(f"--resume: checkpoint {p} was made with {k}={ck['meta'].get(k)!r}, "
+                             f"this run has {k}={v!r}; use the same setting or another --out")
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(student, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        student.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+    return ck["step"]
+
+
+def export(path, student, init_cfg, d, cfg, rank):
+    """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    else:
+        sd = student.state_dict()
+    if rank == 0:
+        dtype = getattr(torch, str(init_cfg.hf.get("torch_dtype", "float32")), torch.float32)
+        sd = {k.removeprefix("module.").removeprefix("model."): v.to(dtype) for k, v in sd.items()}
+        mcfg = (student.module if hasattr(student, "module") else student).model.cfg
+        save_pretrained(mcfg, sd, path)
+
+
+def plot(log_path, png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in sorted({k for r in rows for k in r if k.startswith("loss_")}):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), label=k[5:])
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.dirname(log_path))
+    ax.legend()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = setup_dist()
+    torch.manual_seed(cfg.seed)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    init_cfg = LlamaConfig.from_json(_need(cfg.init, "config.json"))
+    d = derive(cfg, init_cfg, world)
+    tokens, tok_hash, eos = load_tokens(cfg, init_cfg)
+    d.update(n_layers=init_cfg.n_layers, eos=eos)
+    student, teacher = build(cfg, d, dtype, device, world)
+    core = (student.module if hasattr(student, "module") else student).model
+    if cfg.method.startswith("longred"):
+        d["layers"] = select_layers(cfg, d, student, teacher, tokens, device, rank)
+    starts = data.doc_starts(tokens, eos)
+    if rank == 0:
+        print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
+        for k, v in d.items():
+            print(f"  {k:15} {v}")
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.dim() < 2],
+                                                   "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.wd)
+    os.makedirs(cfg.out, exist_ok=True)
+    meta = checkpoint_meta(cfg, d, world, tok_hash, init_cfg)
+    start = load_checkpoint(f"{cfg.out}/ckpt", student, opt, meta) if cfg.resume else 0
+    pre, G = PRESETS[cfg.method], d["accum"]
+    N = sum(p.numel() for n, p in core.named_parameters() if "embed_tokens" not in n) + \
+        (core.lm_head.weight.numel() if init_cfg.tie_embeddings else 0)
+    d_attn = init_cfg.n_heads * init_cfg.head_dim
+    peak = 989.4e12 if device.type == "cuda" else float("nan")
+    log = open(f"{cfg.out}/log.jsonl", "a" if cfg.resume else "w")
+    from tqdm import tqdm
+    bar = tqdm(range(start, d["steps"]), initial=start, total=d["steps"], disable=rank != 0,
+               dynamic_ncols=True)
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
+    for step in bar:
+        t0 = time.perf_counter()
+        mix = pre["then"] if "then" in pre and step >= d["rel_steps"] else pre["mix"]
+        kinds = schedule(mix, G * world)
+        step_len = cfg.target
+        if d["rope"] == "phase":  # SDLC: the phase's window and theta
+            k = min(step * len(d["phases"]) // d["steps"], len(d["phases"]) - 1)
+            step_len, theta = d["phases"][k]
+            core.set_rope(theta, None, max_pos=cfg.target)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, d, cfg)
+        sums = torch.zeros(len(PRESETS) + 8, device=device, dtype=torch.float64)
+        names, fl = sorted(set(kinds)), 0.0
+        for i in range(G):
+            j = (step * G + i) * world + rank  # global micro index: data and ids as 1 process
+            kind = kinds[i * world + rank]
+            x, pos = batch_for(kind, tokens, starts, cfg, d, step_len, j, device)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + j)
+            sync = nullcontext() if i == G - 1 or not hasattr(student, "no_sync") else \
+                student.no_sync()
+            with sync, autocast:
+                loss = student(micro_loss(kind, cfg, d, x, pos, teacher, gen))
+                (loss / G).backward()
+            sums[names.index(kind)] += loss.detach().float()
+            sums[len(names) + names.index(kind)] += 1
+            fl += flops(kind, *x.shape, init_cfg.n_layers, d_attn, N)
+        norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        if not torch.isfinite(torch.as_tensor(norm)).all() or not torch.isfinite(sums).all():
+            opt.zero_grad(set_to_none=True)
+            print(f"rank {rank} step {step}: non-finite loss or gradient, step skipped")
+            continue
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
+               "tokens": (step + 1) * d["batch_tokens"], "tok_s": d["batch_tokens"] / dt,
+               "mfu": fl / dt / peak, "sec": dt}
+        row.update({f"loss_{k}": float(sums[i] / sums[len(names) + i])
+                    for i, k in enumerate(names) if sums[len(names) + i] > 0})
+        if device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if rank == 0:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss_")} |
+                            {"tok/s": f"{row['tok_s']:.0f}", "mfu": f"{row['mfu']:.1%}"})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < d["steps"]:
+            save_checkpoint(f"{cfg.out}/ckpt", student, opt, step + 1, meta, rank)
+    save_checkpoint(f"{cfg.out}/ckpt", student, opt, d["steps"], meta, rank)
+    export(f"{cfg.out}/final", student, init_cfg, d, cfg, rank)
+    if rank == 0:
+        log.close()
+        plot(f"{cfg.out}/log.jsonl", f"{cfg.out}/loss.png")
+        print(f"exported {cfg.out}/final")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
