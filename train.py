@@ -68,6 +68,7 @@ class Config:
     checkpointing: bool = False  # per-block activation checkpointing
     save_every: int = 0         # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False        # continue from out/ckpt (refused if the config differs)
+    stop_at: int = 0            # save and stop after this step (a job's time limit); 0 = run all
     seed: int = 0
 
 
@@ -460,8 +461,9 @@ def main(argv=None):
     bar = tqdm(range(start, d["steps"]), initial=start, total=d["steps"], disable=rank != 0,
                dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
+    done = start
     for step in bar:
-        t0 = time.perf_counter()
+        t0, done = time.perf_counter(), step + 1
         mix = pre["then"] if "then" in pre and step >= d["rel_steps"] else pre["mix"]
         kinds = schedule(mix, G * world)
         step_len = cfg.target
@@ -510,14 +512,18 @@ def main(argv=None):
             log.flush()
             bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss_")} |
                             {"tok/s": f"{row['tok_s']:.0f}", "mfu": f"{row['mfu']:.1%}"})
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < d["steps"]:
-            save_checkpoint(f"{cfg.out}/ckpt", student, opt, step + 1, meta, rank)
-    save_checkpoint(f"{cfg.out}/ckpt", student, opt, d["steps"], meta, rank)
-    export(f"{cfg.out}/final", student, init_cfg, d, cfg, rank)
+        if done == cfg.stop_at:
+            break
+        if cfg.save_every and done % cfg.save_every == 0 and done < d["steps"]:
+            save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
+    save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
+    if done == d["steps"]:
+        export(f"{cfg.out}/final", student, init_cfg, d, cfg, rank)
     if rank == 0:
         log.close()
         plot(f"{cfg.out}/log.jsonl", f"{cfg.out}/loss.png")
-        print(f"exported {cfg.out}/final")
+        print(f"exported {cfg.out}/final" if done == d["steps"] else
+              f"stopped at step {done}; continue with --resume")
     if dist.is_initialized():
         dist.destroy_process_group()
 

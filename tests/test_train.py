@@ -1,0 +1,116 @@
+"""train.py on a tiny random Llama and synthetic token shards: real processes, real files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from model import Llama, LlamaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--target", "256", "--batch-tokens", "1024", "--micro-tokens", "256", "--short-len", "32",
+        "--rel-tokens", "2048", "--lr", "1e-3", "--distill-layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-layer GQA Llama (window 64) saved as an HF folder, and a shard of 400 documents."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = LlamaConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
+                      ffn_dim=128, max_pos=64, tie_embeddings=True)
+    torch.manual_seed(0)
+    m = Llama(cfg)
+    for p in m.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.1)
+    m.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    docs = np.concatenate([np.append(rng.integers(1, 256, rng.integers(10, 60)), 0)
+                           for _ in range(400)])
+    (root / "tokens").mkdir()
+    data.write_shard(root / "tokens" / "a.bin", docs, "00" * 16, 256)
+    return root
+
+
+def run(tiny, out, *extra):
+    train.main(["--init", str(tiny / "model"), "--data", str(tiny / "tokens"), "--out", str(out),
+                *ARGS, *extra])
+    return [json.loads(x) for x in open(out / "log.jsonl")]
+
+
+def losses(rows):
+    return [sum(v for k, v in r.items() if k.startswith("loss_")) for r in rows]
+
+
+@pytest.mark.parametrize("method", list(train.PRESETS))
+def test_preset_learns_a_repeated_batch(tiny, tmp_path, monkeypatch, method):
+    same = train.batch_for
+    monkeypatch.setattr(train, "batch_for", lambda *a: same(*a[:6], 0, a[7]))  # j = 0 always
+    rows = run(tiny, tmp_path, "--method", method, "--steps", "6", "--rel-tokens", "3072")
+    first, last = losses(rows)[0], losses(rows)[-1]
+    if method == "linearard+cpt":  # stage 1 relation KL (3 steps), then CE
+        first, last = losses(rows)[0], losses(rows)[2]
+    assert last < first, (method, losses(rows))
+    out = Llama.from_pretrained(tmp_path / "final")
+    assert out.cfg.max_pos == 256 and (out.cfg.rope_theta, out.cfg.rope_scaling) != (10000.0, None)
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    full = run(tiny, tmp_path / "a", "--method", "longred-c", "--steps", "4")
+    run(tiny, tmp_path / "b", "--method", "longred-c", "--steps", "4", "--stop-at", "2")
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = run(tiny, tmp_path / "b", "--method", "longred-c", "--steps", "4", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert losses(resumed) == losses(full)  # exact: the data and ids are functions of the step
+    a, b = Llama.from_pretrained(tmp_path / "a" / "final"), Llama.from_pretrained(tmp_path / "b" / "final")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="target=256.*target=512"):
+        run(tiny, tmp_path / "b", "--method", "longred-c", "--steps", "4", "--resume",
+            "--target", "512")
+
+
+def test_two_processes_equal_one_with_accumulation(tiny, tmp_path):
+    """torchrun, 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same optimisation)."""
+    common = [os.path.join(ROOT, "train.py"), "--init", str(tiny / "model"), "--data",
+              str(tiny / "tokens"), *ARGS, "--method", "cpt", "--steps", "2", "--batch-tokens", "512"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29531", *common, "--out", str(tmp_path / "ddp")],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    a = Llama.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    b = Llama.from_pretrained(tmp_path / "one" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la = [json.loads(x)["loss_long"] for x in open(tmp_path / "ddp" / "log.jsonl")]
+    lb = [json.loads(x)["loss_long"] for x in open(tmp_path / "one" / "log.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run(tiny, tmp_path, "--data", str(tmp_path / "nothing"))
+    big = tmp_path / "big"
+    big.mkdir()
+    data.write_shard(big / "a.bin", np.arange(1000), "00" * 16, 1000)
+    with pytest.raises(ValueError, match="vocab 1000 > the model's 256"):
+        run(tiny, tmp_path, "--data", str(big))
+    with pytest.raises(ValueError, match="must exceed the original window 64"):
+        run(tiny, tmp_path, "--target", "64")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--methd", "cpt"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "longrope"])
+
+
+def test_schedule_proportions():
+    assert train.schedule({"short": 6, "s2l": 2, "long": 8}, 16).count("long") == 8
+    s = train.schedule({"short": 6, "s2l": 2, "long": 8}, 5)
+    assert s[-1] == "long" and set(s) == {"short", "s2l", "long"} and len(s) == 5
+    assert train.schedule({"rel": 16}, 3) == ["rel"] * 3
