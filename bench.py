@@ -1,0 +1,196 @@
+"""Performance goals P1 and P2 of BENCH.md, both sides of every ratio in one run.
+
+P1: relation KL (Q/Q self, causal, exact) fwd+bwd vs SDPA fwd+bwd (cuDNN, flash, efficient) and a
+dense fp32 reference. P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
+Timing: CUDA events, 2 warm-up calls (torch.compile included), median of --reps fresh random
+inputs; peak extra memory = max_memory_allocated after reset_peak_memory_stats minus
+memory_allocated just before the call. `python bench.py --quick` is a CPU smoke test.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import distill
+
+LINEARARD_32K_MS = 16386.0  # LinearARD's published Triton kernel, n = 32768 (BENCH.md anchor)
+
+
+def measure(fn, make, reps, dev):
+    """(median ms, peak extra GiB) of fn(*make()) over reps fresh inputs after 2 warm-up calls;
+    the strings "oom" or "n/a" when the call cannot run (backend missing, out of memory)."""
+    cuda, times, peaks = dev.type == "cuda", [], []
+    try:
+        for i in range(reps + 2):
+            args = make()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn(*args)
+                end.record()
+                torch.cuda.synchronize()
+                ms, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() - before
+            else:
+                t0 = time.perf_counter()
+                fn(*args)
+                ms, peak = 1e3 * (time.perf_counter() - t0), 0
+            del args
+            if i >= 2:
+                times.append(ms)
+                peaks.append(peak / 2**30)
+    except torch.OutOfMemoryError:
+        return "oom", "oom"
+    except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend on this device
+        print(f"  n/a: {str(e).splitlines()[0][:120]}")
+        return "n/a", "n/a"
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return statistics.median(times), max(peaks) if cuda else "n/a"
+
+
+def dense_relation_kl(xt, xs):
+    """Reference: full (B,H,T,T) fp32 maps, sum_{b,h,i} KL(P_t,i || P_s,i) (in-place where
+    autograd allows, so that n = 8192 may fit)."""
+    T, s = xt.shape[2], xt.shape[-1] ** -0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=xt.device).tril()
+    lt, ls = ((x.float() @ x.float().mT).mul_(s).masked_fill_(~causal, -math.inf).log_softmax(-1)
+              for x in (xt, xs))
+    return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum()
+
+
+def ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+
+def fmt(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def exactness(xt, xs, block):
+    """Relative error of our loss and gradient (bf16 in, fp32 accumulate) vs dense fp32 maps."""
+    try:
+        loss = distill.relation_kl(xt, xs, block=block)
+        g, = torch.autograd.grad(loss, xs)
+        x32 = xs.detach().float().requires_grad_()
+        ref = dense_relation_kl(xt, x32)
+        g_ref, = torch.autograd.grad(ref, x32)
+    except torch.OutOfMemoryError:
+        return "oom", "oom"
+    return abs(loss.item() - ref.item()) / ref.item(), ((g.float() - g_ref).norm()
+                                                        / g_ref.norm()).item()
+
+
+def bench_p1(a, dev, rows, out):
+    heads, d, dt = (2, 32, torch.float32) if a.quick else (32, 128, torch.bfloat16)
+    ns = (128, 256, 512) if a.quick else (4096, 8192, 16384, 32768)
+
+    def rnd(n, grad=False):  # (1, heads, n, d), fresh for every call
+        return torch.randn(1, heads, n, d, device=dev, dtype=dt, requires_grad=grad)
+
+    def ours_fn(xt, xs):
+        distill.relation_kl(xt, xs, block=a.block).backward()
+    ours = {}
+    for n in ns:
+        ours[n] = measure(ours_fn, lambda: (rnd(n), rnd(n, True)), a.reps, dev)
+        rows.append(("P1", "relation_kl Q/Q fwd+bwd (ours)", n, *ours[n]))
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            def sdpa(q, k, v, do, name=name):
+                with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+            r = measure(sdpa, lambda: (*(rnd(n, True) for _ in range(3)), rnd(n)), a.reps, dev)
+            rows.append(("P1", f"SDPA {name.split('_')[0].lower()} fwd+bwd", n, *r))
+            if name == "CUDNN_ATTENTION":
+                out[f"p1_ours_over_cudnn_{n}"] = ratio(ours[n][0], r[0])
+        if n <= ns[1]:  # dense fp32 reference: 14 GiB at 4096, 56 GiB at 8192
+            r = measure(lambda xt, xs: dense_relation_kl(xt, xs).backward(),
+                        lambda: (rnd(n), rnd(n, True)), a.reps, dev)
+            rows.append(("P1", "relation KL dense fp32 fwd+bwd", n, *r))
+    out["p1_peak_ratio_last_two_n"] = ratio(ours[ns[-1]][1], ours[ns[-2]][1])
+    if ns[-1] == 32768:
+        out["p1_linearard_over_ours_32k"] = ratio(LINEARARD_32K_MS, ours[32768][0])
+    err = exactness(rnd(ns[0]), rnd(ns[0], True), a.block)
+    out[f"p1_rel_err_loss_{ns[0]}"], out[f"p1_rel_err_grad_{ns[0]}"] = err
+
+
+def gemm_only(hs, ht, ws, wt, chunk):
+    """The floor of chunked KD: 4 GEMMs per chunk (teacher logits, student logits, dH, dW)."""
+    gh, gw = torch.empty_like(hs), torch.zeros_like(ws)
+    for c0 in range(0, hs.shape[0], chunk):
+        h = hs[c0:c0 + chunk]
+        _, zs = ht[c0:c0 + chunk] @ wt.T, h @ ws.T
+        torch.mm(zs, ws, out=gh[c0:c0 + chunk])
+        gw.addmm_(zs.T, h)
+
+
+def naive_kd(hs, ht, ws, wt):
+    """Full-vocabulary KL with (T,V) fp32 logits and autograd."""
+    lt, ls = (ht @ wt.T).float().log_softmax(-1), (hs @ ws.T).float().log_softmax(-1)
+    (lt.exp() * (lt - ls)).sum(-1).mean().backward()
+
+
+def bench_p2(a, dev, rows, out):
+    T, V, H, tn = (512, 1000, 64, 128) if a.quick else (32768, 128256, 4096, 4096)
+    dt = torch.float32 if a.quick else torch.bfloat16
+
+    def make(t, grad):  # hs, ht (t, H), ws, wt (V, H); the student side may require grad
+        r = [(0.02 * torch.randn(*s, device=dev)).to(dt) for s in ((t, H), (t, H), (V, H), (V, H))]
+        return r[0].requires_grad_(grad), r[1], r[2].requires_grad_(grad), r[3]
+
+    def ours_fn(hs, ht, ws, wt):
+        distill.logit_kd(hs, ht, ws, wt, chunk=a.chunk).backward()
+    ours = measure(ours_fn, lambda: make(T, True), a.reps, dev)
+    gemm = measure(lambda *x: gemm_only(*x, a.chunk), lambda: make(T, False), a.reps, dev)
+    naive = measure(naive_kd, lambda: make(tn, True), a.reps, dev)
+    rows += [("P2", "logit_kd fwd+bwd (ours)", T, *ours), ("P2", "GEMM-only chunk loop", T, *gemm),
+             ("P2", "naive full-vocab KL fwd+bwd", tn, *naive)]
+    out["p2_ours_over_gemm"] = ratio(ours[0], gemm[0])
+    out["p2_ours_peak_gib"] = ours[1]
+    out[f"p2_naive_extrapolated_{T}_ms"] = ratio(naive[0], tn / T)  # both linear in T
+    out[f"p2_naive_extrapolated_{T}_gib"] = ratio(naive[1], tn / T)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("p1", "p2"), help="run one goal only")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test, seconds)")
+    p.add_argument("--json", default="out/bench.json", help="where to write the results")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--block", type=int, default=1024, help="relation_kl tile edge")
+    p.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
+    a = p.parse_args()
+    if a.reps < 1:
+        p.error("--reps must be >= 1")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and not a.quick:
+        p.error("full shapes need CUDA; use --quick on CPU")
+    rows, out = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "quick": a.quick}
+    for goal, fn in (("p1", bench_p1), ("p2", bench_p2)):
+        if a.only in (None, goal):
+            fn(a, dev, rows, out)
+    print(f"\n{out['device']}, torch {out['torch']}\n\n| goal | what | n / T | ms | peak GiB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(fmt(v) for v in r) + " |")
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in out.items():
+        if k.startswith("p"):
+            print(f"| {k} | {fmt(v)} |")
+    out["rows"] = [dict(zip(("goal", "what", "n", "ms", "peak_gib"), r)) for r in rows]
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"\nwrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""distill.py against plain dense references (float64, full T x T maps, full-vocab logits)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distill  # noqa: E402
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP hand-off costs (ms per call on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def dense_logp(x, y):
+    """log softmax_{j<=i}(x_i . y_j / sqrt(hd)) as a full (B,H,T,T) map; y repeated for GQA."""
+    y = x if y is None else y.repeat_interleave(x.shape[1] // y.shape[1], dim=1)
+    T = x.shape[2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    z = (x @ y.transpose(-1, -2)) / math.sqrt(x.shape[-1])
+    return z.masked_fill(~causal, -math.inf).log_softmax(-1), causal
+
+
+def dense_relation_kl(xt, xs, yt=None, ys=None):
+    lt, causal = dense_logp(xt, yt)
+    ls, _ = dense_logp(xs, ys)
+    return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum()
+
+
+def pair(shape, noise=0.5, gen=None, amp=2.0):
+    """A teacher tensor and a nearby student tensor that requires grad."""
+    t = amp * torch.randn(shape, dtype=f64, generator=gen)
+    return t, (t + noise * amp * torch.randn(shape, dtype=f64, generator=gen)).requires_grad_()
+
+
+@pytest.mark.parametrize("B,H,T,hd,block,amp", [(2, 3, 37, 8, 8, 2), (1, 2, 37, 4, 64, 2),
+                                                (1, 1, 9, 5, 1, 2), (2, 2, 40, 8, 8, 2),
+                                                (1, 2, 37, 8, 8, 30)])  # logits ~1e3: exp overflows
+def test_relation_kl_self_matches_dense(B, H, T, hd, block, amp):
+    torch.manual_seed(0)
+    xt, xs = pair((B, H, T, hd), amp=amp)
+    ours = distill.relation_kl(xt, xs, block=block)
+    ref = dense_relation_kl(xt, xs)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    g_ours, = torch.autograd.grad(ours, xs)
+    g_ref, = torch.autograd.grad(ref, xs)
+    assert rel(g_ours, g_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("H,K", [(6, 2), (4, 4), (4, 1)])
+def test_relation_kl_pair_gqa_matches_dense(H, K):
+    torch.manual_seed(1)
+    (qt, qs), (kt, ks) = pair((2, H, 37, 8)), pair((2, K, 37, 8))
+    ours = distill.relation_kl(qt, qs, kt, ks, block=8)
+    ref = dense_relation_kl(qt, qs, kt, ks)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    for a, b in zip(torch.autograd.grad(ours, (qs, ks)), torch.autograd.grad(ref, (qs, ks))):
+        assert rel(a, b) <= 1e-6
+
+
+def test_relation_kl_grad_scales_with_grad_output_and_only_student_side():
+    torch.manual_seed(2)
+    (qt, qs), (kt, ks) = pair((1, 4, 20, 4)), pair((1, 2, 20, 4))
+    ks = ks.detach()  # a frozen key side: only dQ
+    (3.0 * distill.relation_kl(qt, qs, kt, ks, block=6)).backward()
+    q_ref = qs.detach().clone().requires_grad_()
+    (3.0 * dense_relation_kl(qt, q_ref, kt, ks)).backward()
+    assert rel(qs.grad, q_ref.grad) <= 1e-6
+    xt = torch.randn(1, 2, 10, 4, dtype=f64, requires_grad=True)  # teacher: never a gradient
+    distill.relation_kl(xt, xt.detach() + 0.1, block=4).backward()
+    assert xt.grad is None
+
+
+def test_relation_kl_zero_for_equal_models_and_nonnegative():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 33, 8, dtype=f64)
+    xs = x.clone().requires_grad_()
+    kl = distill.relation_kl(x, xs, block=8)
+    g, = torch.autograd.grad(kl, xs)
+    assert abs(kl.item()) < 1e-10 and g.abs().max().item() < 1e-10
+    for seed in range(3):
+        xt, xs = pair((1, 2, 25, 4), noise=2.0, gen=torch.Generator().manual_seed(seed))
+        assert distill.relation_kl(xt, xs, block=7).item() > 0
+
+
+def test_gradcheck_self_and_pair():
+    torch.manual_seed(4)
+    xt, xs = pair((1, 2, 7, 3))
+    assert torch.autograd.gradcheck(lambda s: distill.relation_kl(xt, s, block=3), (xs,))
+    (qt, qs), (kt, ks) = pair((1, 4, 7, 3)), pair((1, 2, 7, 3))
+    assert torch.autograd.gradcheck(lambda q, k: distill.relation_kl(qt, q, kt, k, block=3),
+                                    (qs, ks))
+
+
+def test_relation_kl_bf16_inputs_accumulate_in_fp32():
+    torch.manual_seed(5)
+    xt, xs = (t.detach().bfloat16() for t in pair((1, 2, 30, 16)))
+    xs.requires_grad_()
+    ours = distill.relation_kl(xt, xs, block=8)
+    assert ours.dtype == torch.float32
+    x64 = xs.detach().to(f64).requires_grad_()
+    ref = dense_relation_kl(xt.to(f64), x64)
+    ref.backward()
+    ours.backward()
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item()
+    assert xs.grad.dtype == torch.bfloat16 and rel(xs.grad.to(f64), x64.grad) <= 1e-2
+
+
+def caps(seed, B=2, H=4, K=2, T=19, hd=4, layers=3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q": (B, H, T, hd), "k": (B, K, T, hd), "v": (B, K, T, hd)}
+    cap_t, cap_s = {}, {}
+    for kind, shape in shapes.items():
+        ts = [pair(shape, gen=g) for _ in range(layers)]
+        cap_t[kind] = {l: t for l, (t, _) in enumerate(ts)}
+        cap_s[kind] = {l: s for l, (_, s) in enumerate(ts)}
+    return cap_t, cap_s
+
+
+@pytest.mark.parametrize("norm", ["own", "query"])
+def test_relation_loss_normalisation(norm):
+    cap_t, cap_s = caps(6)
+    layers = [0, 2]
+    ours = distill.relation_loss(cap_t, cap_s, layers, norm=norm, block=5)
+    ref = 0.0
+    for l in layers:
+        for kind in "qkv":
+            B, heads, T, _ = cap_s["q" if norm == "query" else kind][l].shape
+            ref = ref + dense_relation_kl(cap_t[kind][l], cap_s[kind][l]) / (B * heads * T)
+    ref = ref / len(layers)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    leaves = [cap_s[k][l] for k in "qkv" for l in layers]
+    for a, b in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(ref, leaves)):
+        assert rel(a, b) <= 1e-6
+    only_q = distill.relation_loss(cap_t, cap_s, [1], kinds=("q",), block=5)
+    B, H, T, _ = cap_s["q"][1].shape
+    assert abs(only_q.item() - dense_relation_kl(cap_t["q"][1], cap_s["q"][1]).item()
+               / (B * H * T)) <= 1e-9
+
+
+def test_attention_kl_per_layer_and_select_layers():
+    cap_t, cap_s = caps(7)
+    kl = distill.attention_kl_per_layer(cap_t, cap_s, [0, 1, 2], block=4)
+    for l, v in enumerate(kl):
+        B, H, T, _ = cap_s["q"][l].shape
+        ref = dense_relation_kl(cap_t["q"][l], cap_s["q"][l], cap_t["k"][l], cap_s["k"][l])
+        assert abs(v - ref.item() / (B * H * T)) <= 1e-6 * abs(v)
+    assert distill.select_layers([0.1, 0.5, 0.3, 0.9, 0.2], 2) == [1, 3, 4]
+    assert distill.select_layers([0.1, 0.5, 0.3, 0.9, 9.0], 2) == [1, 3, 4]  # last: always
+    assert distill.select_layers([0.4, 0.1, 0.2], 0) == [2]
+    assert distill.select_layers([0.4, 0.1, 0.2], 2) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        distill.select_layers([0.4, 0.1, 0.2], 3)
+
+
+def test_hidden_cosine_loss_and_s2l():
+    g = torch.Generator().manual_seed(8)
+    hs = [torch.randn(2, 5, 16, dtype=f64, generator=g, requires_grad=True) for _ in range(3)]
+    ht = [h.detach() + 0.3 * torch.randn(2, 5, 16, dtype=f64, generator=g) for h in hs]
+    ours = distill.hidden_cosine_loss(hs, ht)
+    ref = sum(1 - ((s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean()
+              for s, t in zip(hs, ht))
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    for a, b in zip(torch.autograd.grad(ours, hs), torch.autograd.grad(ref, hs)):
+        assert rel(a, b) <= 1e-6
+    assert distill.s2l_loss(hs[0], ht[0]).item() == pytest.approx(
+        distill.hidden_cosine_loss(hs[:1], ht[:1]).item())
+    assert distill.s2l_loss(hs[0], hs[0].detach()).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def dense_kd(hs, ht, ws, wt, tau=1.0, targets=None, ce_weight=0.0):
+    """Full (N,V) logits: tau^2 mean_n KL(softmax(zt/tau) || softmax(zs/tau)) + w CE."""
+    zs = hs @ ws.T
+    loss = 0.0
+    if ht is not None:
+        lt, ls = (ht @ wt.T / tau).log_softmax(-1), (zs / tau).log_softmax(-1)
+        loss = tau**2 * (lt.exp() * (lt - ls)).sum(-1).mean()
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(zs, targets, ignore_index=-100)
+    return loss
+
+
+def kd_inputs(seed, N=30, D=12, V=53):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, D, dtype=f64, generator=g, requires_grad=True)
+    ht = hs.detach() + 0.5 * torch.randn(N, D, dtype=f64, generator=g)
+    ws = torch.randn(V, D, dtype=f64, generator=g, requires_grad=True)
+    wt = ws.detach() + 0.5 * torch.randn(V, D, dtype=f64, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100
+    return hs, ht, ws, wt, targets
+
+
+@pytest.mark.parametrize("tau,ce_weight,chunk", [(1.0, 0.0, 7), (2.0, 0.0, 30), (1.0, 0.7, 8),
+                                                 (0.5, 0.3, 1), (1.0, 0.0, 64)])
+def test_logit_kd_matches_dense(tau, ce_weight, chunk):
+    hs, ht, ws, wt, targets = kd_inputs(9)
+    kw = dict(temperature=tau, targets=targets if ce_weight else None, ce_weight=ce_weight)
+    ours = distill.logit_kd(hs, ht, ws, wt, chunk=chunk, **kw)
+    ref = dense_kd(hs, ht, ws, wt, tau, targets, ce_weight)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    grads = torch.autograd.grad(2 * ours, (hs, ws)), torch.autograd.grad(2 * ref, (hs, ws))
+    for a, b in zip(*grads):
+        assert rel(a, b) <= 1e-6
+
+
+def test_logit_kd_tied_embedding_frozen_head_and_ce_only():
+    hs0, ht, ws, wt, targets = kd_inputs(10)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, ws.shape[0], hs0.shape[:1], generator=g)
+    grads = []
+    for fn in (distill.logit_kd, dense_kd):  # tied: hs is built from the same embedding ws
+        emb = ws.detach().clone().requires_grad_()
+        hs = emb[tokens] * 0.5 + hs0.detach()
+        loss = fn(hs, ht, emb, wt, **({"chunk": 9} if fn is distill.logit_kd else {}))
+        loss.backward()
+        grads.append(emb.grad)
+    assert rel(*grads) <= 1e-6
+    frozen = ws.detach()  # a head that does not train: only dH
+    a, = torch.autograd.grad(distill.logit_kd(hs0, ht, frozen, wt, chunk=4), hs0)
+    b, = torch.autograd.grad(dense_kd(hs0, ht, frozen, wt), hs0)
+    assert rel(a, b) <= 1e-6
+    ours = distill.logit_kd(hs0, None, ws, None, chunk=11, targets=targets, ce_weight=1.0)
+    ref = F.cross_entropy(hs0 @ ws.T, targets)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    for a, b in zip(torch.autograd.grad(ours, (hs0, ws)), torch.autograd.grad(ref, (hs0, ws))):
+        assert rel(a, b) <= 1e-6
+    same = distill.logit_kd(hs0, hs0.detach(), ws, ws.detach(), chunk=7, temperature=3.0)
+    assert abs(same.item()) < 1e-12
+
+
+def test_input_validation():
+    x = torch.randn(1, 4, 8, 4)
+    with pytest.raises(ValueError):
+        distill.relation_kl(x, x[:, :2])
+    with pytest.raises(ValueError):
+        distill.relation_kl(x, x, torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4))  # 4 % 3
+    with pytest.raises(ValueError):
+        distill.relation_kl(x, x, torch.randn(1, 2, 8, 4), None)
+    with pytest.raises(ValueError):
+        distill.relation_loss({}, {}, [0], norm="rows")
+    h, w = torch.randn(5, 3), torch.randn(7, 3)
+    with pytest.raises(ValueError):
+        distill.logit_kd(h, h, w, torch.randn(7, 4))
+    with pytest.raises(ValueError):
+        distill.logit_kd(h, None, w, None)  # no teacher and no CE
+    with pytest.raises(ValueError):
+        distill.hidden_cosine_loss([h], [])
+
+
+def test_tile_bodies_trace_as_one_graph():
+    """The CUDA path compiles these bodies with fullgraph=True; check they trace and agree."""
+    g = torch.Generator().manual_seed(11)
+    zt, zs = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    keep = torch.ones(6, 5, dtype=torch.bool).tril()
+    st = [torch.full((2, 6), -math.inf), torch.zeros(2, 6), torch.zeros(2, 6),
+          torch.full((2, 6), -math.inf), torch.zeros(2, 6)]
+    lse = torch.randn(2, 6, generator=g)
+    tgt = torch.tensor([1, -100, 3, 4, 0, 2])
+    calls = [(distill._stats_tile, (zt, zs, keep, 0.5, *st)),
+             (distill._grad_tile, (zt, zs, lse, lse + 1, torch.tensor(0.3), keep, 0.5,
+                                   torch.bfloat16)),
+             (distill._kd_chunk, (zt[0], zs[0], tgt, 2.0, torch.tensor(0.1), torch.tensor(0.2),
+                                  torch.float32))]
+    for fn, args in calls:
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+        for a, b in zip(compiled(*args), fn(*args)):
+            torch.testing.assert_close(a, b)
+
+
+def test_compile_failure_falls_back_to_eager():
+    def breaks(x):
+        torch._dynamo.graph_break()  # fullgraph=True refuses this
+        return x + 1
+
+    run = distill._compiled(breaks, True)
+    with pytest.warns(UserWarning, match="running eager"):
+        assert run(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert run(torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_bf16_matches_dense_fp32():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xt = torch.randn(1, 4, 1500, 64, device="cuda", generator=g).bfloat16()
+    xs = (xt.float() + 0.3 * torch.randn(xt.shape, device="cuda", generator=g)).bfloat16()
+    xs.requires_grad_()
+    ours = distill.relation_kl(xt, xs, block=512)
+    ours.backward()
+    x32 = xs.detach().float().requires_grad_()
+    ref = dense_relation_kl(xt.float(), x32)
+    ref.backward()
+    assert abs(ours.item() - ref.item()) <= 1e-3 * ref.item()
+    assert rel(xs.grad.float(), x32.grad) <= 2e-2
+
+
+@cuda
+def test_cuda_peak_memory_grows_linearly():
+    def peak(T):
+        xt = torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16)
+        xs = (xt + 0.1).requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        distill.relation_kl(xt, xs, block=512).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    peak(2048)  # warm-up (compile)
+    p4, p8, p16 = peak(4096), peak(8192), peak(16384)
+    assert p16 / p8 <= 2.2 and p8 / p4 <= 2.2
+    assert p16 < 8 * 16384 * 16384 * 4 / 16  # far below one fp32 (H,T,T) map
