@@ -214,20 +214,26 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
 
 def per_document_hidden(model, x, eos):
     """Final hidden state of each document of packed windows x (B,T) run alone from position 0
-    (ours: the original model sees short documents as it was trained). -> (B*T, D)"""
-    segs = []
-    for b, row in enumerate(x.tolist()):
+    (ours: the original model sees short documents as it was trained). Documents are batched by
+    power-of-two length, so padding at most doubles the work. -> (B*T, D)"""
+    ends = (x == eos).clone()
+    ends[:, -1] = True
+    segs = []  # (row, start, end) of every document
+    for b, row_ends in enumerate(ends.tolist()):
         start = 0
-        for t, tok in enumerate(row):
-            if tok == eos or t == len(row) - 1:
-                segs.append((b, start, t + 1))
-                start = t + 1
-    n = max(e - s for _, s, e in segs)
-    batch = torch.full((len(segs), n), eos, dtype=x.dtype, device=x.device)
-    for i, (b, s, e) in enumerate(segs):
-        batch[i, :e - s] = x[b, s:e]
-    h = model.forward_hidden(batch)[0]
-    return torch.cat([h[i, :e - s] for i, (_, s, e) in enumerate(segs)])
+        for t in (i for i, e in enumerate(row_ends) if e):
+            segs.append((b, start, t + 1))
+            start = t + 1
+    out = x.new_empty(*x.shape, model.cfg.dim, dtype=model.embed_tokens.weight.dtype)
+    for n in sorted({1 << (e - s - 1).bit_length() for _, s, e in segs}):
+        group = [g for g in segs if 1 << (g[2] - g[1] - 1).bit_length() == n]
+        batch = torch.full((len(group), n), eos, dtype=x.dtype, device=x.device)
+        for i, (b, s, e) in enumerate(group):
+            batch[i, :e - s] = x[b, s:e]
+        h = model.forward_hidden(batch)[0]
+        for i, (b, s, e) in enumerate(group):
+            out[b, s:e] = h[i, :e - s]
+    return out.flatten(0, 1)
 
 
 def select_layers(cfg, d, student, teacher, tokens, device, rank):
