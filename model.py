@@ -6,7 +6,7 @@ Parameter names are the HF checkpoint's minus the `model.` prefix, so loading ne
 """
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn

@@ -17,14 +17,12 @@ import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import data
 import distill
@@ -47,11 +45,11 @@ class Config:
     micro_tokens: int = 0       # tokens per micro-step per rank; 0 = target
     steps: int = 0              # optimizer steps; 0 = tokens // batch_tokens
     lr: float = 2e-5
-    final_lr: float = 1.0       # cosine decay to final_lr * lr (1 = constant)
-    warmup: int = 0
+    final_lr: float = 0.0       # cosine decay to final_lr * lr; 0 = the preset's (1 = constant)
+    warmup: int = 0             # linear warm-up steps; 0 = the preset's
     wd: float = 0.1
     beta2: float = 0.95
-    clip: float = 1.0
+    clip: float = 0.0           # gradient-norm clip; 0 = the preset's (1.0, LinearARD 5.0)
     alpha1: float = -1.0        # LongReD short-distillation weight; -1 = 5 (s <= 4) or 2
     alpha2: float = -1.0        # LongReD short-to-long weight; -1 = 10 (s <= 4) or 15
     distill_layers: int = 0     # LongReD M+1 (M by attention KL + the last); 0 = 6 (s <= 4) or 3
@@ -126,8 +124,8 @@ def derive(cfg, model_cfg, world):
              distill_layers=min(cfg.distill_layers or (6 if s <= 4 else 3), model_cfg.n_layers),
              rel_len=cfg.rel_len or min(orig, 4096), skip=pre.get("skip"),
              train_params=cfg.train_params or pre.get("train_params", ""),
-             warmup=cfg.warmup or pre.get("warmup", 0), clip=pre.get("clip", cfg.clip),
-             final_lr=pre.get("final_lr", cfg.final_lr))
+             warmup=cfg.warmup or pre.get("warmup", 0), clip=cfg.clip or pre.get("clip", 1.0),
+             final_lr=cfg.final_lr or pre.get("final_lr", 1.0))
     if rope_kind == "phase":
         lengths = [int(x) for x in cfg.phases.split(",")] if cfg.phases else \
             [orig * 2**k for k in range(1, 64) if orig * 2**k < cfg.target] + [cfg.target]
@@ -151,14 +149,9 @@ def schedule(mix, n):
     return [k for k in sorted(counts, key=lambda k: k in FULL_KINDS) for _ in range(counts[k])]
 
 
-def lm_loss(h, w, targets, chunk=4096):
-    """Mean next-token CE through the LM head, C tokens at a time; each chunk's (C,V) logits are
-    recomputed in backward, so (T,V) logits never exist. h (N,D), w (V,D), targets (N,), -100 = skip."""
-    def part(hc, tc):
-        return F.cross_entropy((hc @ w.t()).float(), tc, ignore_index=-100, reduction="sum")
-    total = sum(checkpoint(part, hc, tc, use_reentrant=False)
-                for hc, tc in zip(h.split(chunk), targets.split(chunk)))
-    return total / (targets != -100).sum().clamp(min=1)
+def lm_loss(h, w, targets):
+    """Mean next-token CE through the LM head, chunked: distill.logit_kd with no teacher."""
+    return distill.logit_kd(h, None, w, None, targets=targets, ce_weight=1.0)
 
 
 class Call(nn.Module):
