@@ -261,7 +261,7 @@ def setup_dist():
 
 def build(cfg, d, dtype, device, world):
     """Frozen teacher (original RoPE, `dtype`) and student (fp32 master weights, scaled RoPE), each
-    behind `Call`, the student in DDP or both in FSDP2 (per block, then the root)."""
+    behind `Call`; the student in DDP, or sharded by FSDP2 (per block, then the root)."""
     teacher = Llama.from_pretrained(cfg.init, dtype=dtype).requires_grad_(False).eval()
     student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
     if d["rope"] == "phase":
@@ -275,13 +275,12 @@ def build(cfg, d, dtype, device, world):
         raise ValueError(f"--train-params {d['train_params']!r} matches no parameter name")
     student.checkpointing = teacher.checkpointing = cfg.checkpointing
     student, teacher = Call(student.to(device)), Call(teacher.to(device))
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for m in (student, teacher):
-            for block in m.model.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(m, mp_policy=mp)
+    if cfg.fsdp:  # the frozen teacher stays whole on every GPU (bf16: 16 GB for 8B), so ranks
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # need no teacher
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # collectives
+        for block in student.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(student, mp_policy=mp)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         kinds = schedule(PRESETS[cfg.method]["mix"], d["accum"] * world)[-world:]
@@ -435,18 +434,21 @@ def main(argv=None):
     d.update(n_layers=init_cfg.n_layers, eos=eos)
     student, teacher = build(cfg, d, dtype, device, world)
     core = (student.module if hasattr(student, "module") else student).model
-    if cfg.method.startswith("longred"):
-        d["layers"] = select_layers(cfg, d, student, teacher, tokens, device, rank)
-    starts = data.doc_starts(tokens, eos)
-    if rank == 0:
-        print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
-        for k, v in d.items():
-            print(f"  {k:15} {v}")
+    # the optimizer first: FSDP2 leaves root parameters unsharded after a no-grad forward
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.dim() < 2],
                                                    "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.wd)
+    if cfg.method.startswith("longred"):
+        d["layers"] = select_layers(cfg, d, student, teacher, tokens, device, rank)
+        if cfg.fsdp:
+            student.reshard()
+    starts = data.doc_starts(tokens, eos)
+    if rank == 0:
+        print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
+        for k, v in d.items():
+            print(f"  {k:15} {v}")
     os.makedirs(cfg.out, exist_ok=True)
     meta = checkpoint_meta(cfg, d, world, tok_hash, init_cfg)
     start = load_checkpoint(f"{cfg.out}/ckpt", student, opt, meta) if cfg.resume else 0

@@ -74,22 +74,28 @@ def test_resume_is_bit_identical(tiny, tmp_path):
             "--target", "512")
 
 
-def test_two_processes_equal_one_with_accumulation(tiny, tmp_path):
-    """torchrun, 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same optimisation)."""
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_accumulation(tiny, tmp_path, shard):
+    """torchrun, 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same optimisation),
+    with DDP and with FSDP2 (LongReD-C: CE, both cosine losses, layer selection)."""
     common = [os.path.join(ROOT, "train.py"), "--init", str(tiny / "model"), "--data",
-              str(tiny / "tokens"), *ARGS, "--method", "cpt", "--steps", "2", "--batch-tokens", "512"]
+              str(tiny / "tokens"), *ARGS, "--method", "longred-c", "--steps", "2",
+              "--batch-tokens", "512", "--micro-tokens", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29531", *common, "--out", str(tmp_path / "ddp")],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
+    flag = ["--fsdp"] if shard == "fsdp" else []
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29531 + (shard == "fsdp")), *common, *flag,
+                          "--out", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True,
+                         text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env,
                    cwd=ROOT, capture_output=True)
-    a = Llama.from_pretrained(tmp_path / "ddp" / "final").state_dict()
+    a = Llama.from_pretrained(tmp_path / "two" / "final").state_dict()
     b = Llama.from_pretrained(tmp_path / "one" / "final").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    la = [json.loads(x)["loss_long"] for x in open(tmp_path / "ddp" / "log.jsonl")]
-    lb = [json.loads(x)["loss_long"] for x in open(tmp_path / "one" / "log.jsonl")]
+    la = losses([json.loads(x) for x in open(tmp_path / "two" / "log.jsonl")])
+    lb = losses([json.loads(x) for x in open(tmp_path / "one" / "log.jsonl")])
     assert la == pytest.approx(lb, rel=1e-5)
 
 
