@@ -6,6 +6,7 @@ H query heads, K kv heads, hd head dim, V vocab, N rows of a batched matmul, R x
 Teacher inputs are constants: no gradient ever flows to them. Half inputs are multiplied with
 fp32 output (cuBLAS out_dtype on CUDA); every logit, exp and sum is fp32 (fp64 stays fp64).
 """
+import contextlib
 import functools
 import math
 import warnings
@@ -14,33 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _mm(a, b):
-    """a @ b for (R,K)@(K,C) or (N,R,K)@(N,K,C); fp32 output for half operands."""
-    if a.dtype not in (torch.float16, torch.bfloat16):
-        return a @ b
-    if a.is_cuda:
-        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _addmm_(acc, a, b):
-    """acc += a @ b, acc fp32 while a, b may be half: in-place cuBLAS accumulation in fp32."""
-    if a.dtype == acc.dtype:
-        return acc.addmm_(a, b)
-    if a.is_cuda:
-        try:  # a self of dtype out_dtype is accepted from torch 2.10 on
-            return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-        except (RuntimeError, TypeError):
-            return acc.add_(a @ b)  # older torch: one half rounding per chunk, the sum stays fp32
-    return acc.add_(a.float() @ b.float())
+def _mm(a, b, acc=None):
+    """a @ b, (R,K)@(K,C) or (N,R,K)@(N,K,C), fp32 out for half operands; acc: acc += a @ b."""
+    mm, addmm = (torch.bmm, torch.baddbmm) if a.dim() == 3 else (torch.mm, torch.addmm)
+    if a.dtype not in (torch.float16, torch.bfloat16):  # fp32, fp64: acc of the same dtype
+        return a @ b if acc is None else addmm(acc, a, b, out=acc)
+    if not a.is_cuda:
+        return a.float() @ b.float() if acc is None else acc.add_(a.float() @ b.float())
+    if acc is None:
+        return mm(a, b, out_dtype=torch.float32)
+    try:  # a self of dtype out_dtype is accepted from torch 2.10 on
+        return addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    except (RuntimeError, TypeError):
+        return acc.add_(a @ b)  # older torch: one half rounding per chunk, the sum stays fp32
 
 
 @functools.cache
-def _compiled(fn, on):
+def _compiled(fn, on, dynamic=False):
     """fn, or torch.compile(fn) when on; if compiling fails, warn once and run fn eagerly."""
     if not on:
         return fn
-    compiled, failed = torch.compile(fn, dynamic=False, fullgraph=True), []
+    compiled, failed = torch.compile(fn, dynamic=dynamic, fullgraph=True), []
 
     def run(*args):
         if not failed:
@@ -55,123 +50,133 @@ def _compiled(fn, on):
 
 # ---- relation KL (LinearARD): exact, memory linear in T --------------------------------------
 
-def _stats_tile(zt, zs, keep, scale, m_t, l_t, a_t, m_s, l_s):
-    """Fold one tile into the online row statistics (flash-style rescaling by the new max).
-    zt, zs (N,R,C) raw dot products, keep (R,C) causal mask or None; per row (N,R), z = s x.y:
-    m = max_j z_j, l = sum_j e^(z_j - m), a = sum_j e^(zt_j - m_t) (zt_j - zs_j)."""
-    zt, zs = zt * scale, zs * scale
-    diff = zt - zs
-    if keep is not None:  # diagonal tile: columns j > i drop out of both softmaxes
-        zt, zs = zt.masked_fill(~keep, -math.inf), zs.masked_fill(~keep, -math.inf)
-        diff = diff.masked_fill(~keep, 0.0)
-    new_t, new_s = torch.maximum(m_t, zt.amax(-1)), torch.maximum(m_s, zs.amax(-1))
-    e_t, r_t = torch.exp(zt - new_t[..., None]), torch.exp(m_t - new_t)
-    l_t = l_t * r_t + e_t.sum(-1)
-    a_t = a_t * r_t + (e_t * diff).sum(-1)
-    l_s = l_s * torch.exp(m_s - new_s) + torch.exp(zs - new_s[..., None]).sum(-1)
-    return new_t, l_t, a_t, new_s, l_s
-
-
-def _grad_tile(zt, zs, lse_t, lse_s, coef, keep, scale, dtype):
-    """D = coef (p_s - p_t) = dKL/dz_s on one tile, p = exp(s z - lse), 0 above the diagonal."""
-    d = torch.exp(zs * scale - lse_s[..., None]) - torch.exp(zt * scale - lse_t[..., None])
-    if keep is not None:
-        d = torch.where(keep, d, 0.0)
-    return (d * coef).to(dtype)
-
-
-def _tiles(T, G, block, device):
-    """Causal tiles in row-block order: (rows, cols, keep). Positions [p0,p1) are rows
-    [p0 G, p1 G); column blocks stop at the diagonal tile, the only one with a mask (R,C)."""
-    for p0 in range(0, T, block):
-        p1 = min(T, p0 + block)
-        r = torch.arange((p1 - p0) * G, device=device) // G  # position of each row, minus p0
-        for c0 in range(0, p1, block):
-            keep = r[:, None] >= torch.arange(p1 - p0, device=device) if c0 == p0 else None
-            yield slice(p0 * G, p1 * G), slice(c0, min(T, c0 + block)), keep
-
-
 def _layout(x, k):
-    """(B,H,T,hd) -> (B*k, T*G, hd), G = H/k: the G query heads of a kv head interleaved per
-    position, so a block of positions is a block of rows and the kv side is never repeated."""
+    """(B,H,T,hd) -> (B*k, T*G, hd), the G = H/k query heads of a kv head interleaved by T."""
     B, H, T, hd = x.shape
     return x.reshape(B, k, H // k, T, hd).transpose(2, 3).reshape(B * k, T * (H // k), hd)
 
 
-def _operands(xt, xs, yt, ys):
-    """Row operands X (N, T*G, hd), column operands Y (N, T, hd) of teacher and student; G."""
-    k = xt.shape[1] if yt is None else yt.shape[1]
-    Xt, Xs = _layout(xt, k), _layout(xs, k)
-    Yt, Ys = (Xt, Xs) if yt is None else (_layout(yt, k), _layout(ys, k))
-    return Xt, Xs, Yt, Ys, Xs.shape[1] // Ys.shape[1]
+def _tiles(T, G, rb, cb, device):
+    """Causal tiles (rows, cols, keep (R,C) or None): rb positions = rows [p0 G, p1 G), cb cols."""
+    pos = torch.arange(T * G, device=device) // G  # the position of each row
+    for p0 in range(0, T, rb):
+        p1 = min(T, p0 + rb)
+        for c0 in range(0, p1, cb):
+            q0, c1 = max(p0, c0), min(p1, c0 + cb)  # rows before c0 see none of these columns
+            keep = pos[q0 * G:p1 * G, None] >= pos[c0 * G:c1 * G:G] if c1 - 1 > q0 else None
+            yield slice(q0 * G, p1 * G), slice(c0, c1), keep
+
+
+def _lse_tiles(X, Y, G, rb, cb):
+    """Fallback and reference: lse_i = log sum_{j<=i} e^(s x_i.y_j) (N, T*G), tile by tile."""
+    lse = X.new_full(X.shape[:2], -math.inf, dtype=torch.promote_types(X.dtype, torch.float32))
+    for rows, cols, keep in _tiles(Y.shape[1], G, rb, cb, X.device):
+        z = _mm(X[:, rows], Y[:, cols].mT) * X.shape[-1] ** -0.5
+        z = z if keep is None else z.masked_fill_(~keep, -math.inf)
+        lse[:, rows] = torch.logaddexp(lse[:, rows], z.logsumexp(-1))
+    return lse
+
+
+def _kernel_lse(kernel, q, k, s):
+    """(B,H,T) fp32 row lse of the causal softmax(s q k^T), q, k (B,H,T,hd) contiguous, by SDPA's
+    fused forward (outputs discarded); positional arguments as in the aten schemas of 2.11-2.13."""
+    if kernel == "cudnn":  # q, k, v (narrow: faster), attn_bias, compute_log_sumexp, dropout_p,
+        lse = torch.ops.aten._scaled_dot_product_cudnn_attention(  # is_causal, return_debug_mask
+            q, k, k[..., :16].contiguous(), None, True, 0.0, True, False, scale=s)
+    else:  # q, k, v, dropout_p, is_causal, return_debug_mask -> (out, logsumexp, ...)
+        lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, True, False, scale=s)
+    return lse[1].reshape(q.shape[:3])  # cuDNN's is (B,H,T,1); any other size raises
+
+
+@functools.cache
+def lse_kernel(device, dtype, hd):
+    """The first fused kernel ("cudnn", "flash") whose lse matches the tile loop's (atol 1e-4) on
+    a small causal problem, tried once per device, dtype, head dim; None: CPU, fp32/64, odd hd."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or hd % 8 or hd > 256:
+        return None
+    x = torch.randn(1, 2, 300, hd, device=device, dtype=dtype,
+                    generator=torch.Generator(device).manual_seed(0))  # global RNG left alone
+    for kernel in ("cudnn", "flash"):  # no such backend, a refused shape, ...: next one
+        with contextlib.suppress(Exception):
+            if torch.allclose(_kernel_lse(kernel, x, x, hd ** -0.5)[0],
+                              _lse_tiles(x[0], x[0], 1, 64, 64), rtol=1e-5, atol=1e-4):
+                return kernel
+
+
+def _row_lse(x, y, X, Y, G, rb, cb):
+    """Row lse (N, T*G) in _layout order by lse_kernel, else (or if it raises) by the tile loop."""
+    if kernel := lse_kernel(x.device, x.dtype, x.shape[-1]):
+        with contextlib.suppress(Exception):  # (B,H,T) -> (B*k, G, T) -> (B*k, T*G)
+            lse = _kernel_lse(kernel, x.contiguous(), (x if y is None else y.repeat_interleave(
+                G, 1)).contiguous(), x.shape[-1] ** -0.5)
+            return lse.reshape(X.shape[0], G, -1).transpose(1, 2).reshape(X.shape[:2])
+    return _lse_tiles(X, Y, G, rb, cb)
+
+
+def _kl_tile(zt, zs, lse_t, lse_s, keep, scale, dtype):
+    """Tile zt, zs (N,R,C), p = exp(s z - lse): row sums of p_t s (zt - zs), D = p_s - p_t."""
+    zt, zs = zt * scale, zs * scale
+    p_t = torch.exp(zt - lse_t[..., None])
+    a, d = p_t * (zt - zs), None if dtype is None else torch.exp(zs - lse_s[..., None]) - p_t
+    if keep is not None:  # diagonal tile: columns j > i drop out (where: inf/nan there vanish)
+        a, d = torch.where(keep, a, 0.0), None if d is None else torch.where(keep, d, 0.0)
+    return a.sum(-1), None if d is None else d.to(dtype)
 
 
 class _RelationKL(torch.autograd.Function):
-    """Forward keeps per-row log-sum-exps only; backward recomputes the logits tile by tile."""
+    """Row lse, then one tile pass forms the KL and the gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, xt, xs, yt, ys, block, compile):
-        Xt, Xs, Yt, Ys, G = _operands(xt, xs, yt, ys)
-        (N, TG, _), scale = Xs.shape, xs.shape[-1] ** -0.5
-        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        lse_t, lse_s = Xs.new_empty(N, TG, dtype=acc), Xs.new_empty(N, TG, dtype=acc)
-        kl, tile = Xs.new_zeros((), dtype=acc), _compiled(_stats_tile, compile)
-        for rows, cols, keep in _tiles(TG // G, G, block, xs.device):
-            if cols.start == 0:  # a new row block: m = -inf, l = a = 0
-                st = [Xs.new_full((N, rows.stop - rows.start), v, dtype=acc)
-                      for v in (-math.inf, 0, 0, -math.inf, 0)]
-            st = tile(_mm(Xt[:, rows], Yt[:, cols].mT), _mm(Xs[:, rows], Ys[:, cols].mT),
-                      keep, scale, *st)                   # logits (N, R, C), freed right after
-            if keep is not None:  # the diagonal tile closes the row block
-                m_t, l_t, a_t, m_s, l_s = st
-                lse_t[:, rows], lse_s[:, rows] = m_t + l_t.log(), m_s + l_s.log()
-                kl += (a_t / l_t - lse_t[:, rows] + lse_s[:, rows]).sum()
-        ctx.save_for_backward(xt, xs, yt, ys, lse_t, lse_s)
-        ctx.block, ctx.compile = block, compile  # backward recomputes with the same tiles
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad):
-        xt, xs, yt, ys, lse_t, lse_s = ctx.saved_tensors
-        Xt, Xs, Yt, Ys, G = _operands(xt, xs, yt, ys)
-        pair, need_x, need_y = yt is not None, ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    def forward(ctx, xt, xs, yt, ys, rb, cb, compile, grad):
+        pair, k, (_, H, T, hd) = yt is not None, (xt if yt is None else yt).shape[1], xs.shape
+        Xt, Xs, Yt, Ys = (_layout(v, k) for v in (xt, xs, *((yt, ys) if pair else (xt, xs))))
+        G = H // k  # rows X (N, T*G, hd): a block of positions is a block of rows; Y (N, T, hd)
+        lse_t, lse_s = _row_lse(xt, yt, Xt, Yt, G, rb, cb), _row_lse(xs, ys, Xs, Ys, G, rb, cb)
+        need_x, need_y = (grad and ctx.needs_input_grad[i] for i in (1, 3 if pair else 1))
         gX = torch.zeros_like(Xs, dtype=lse_s.dtype) if need_x else None
-        gY = gX if not pair else (torch.zeros_like(Ys, dtype=lse_s.dtype) if need_y else None)
-        if gX is None and gY is None:  # only a teacher asked for a gradient: it gets none
-            return None, None, None, None, None, None
-        scale = xs.shape[-1] ** -0.5
-        tile, coef = _compiled(_grad_tile, ctx.compile), (grad * scale).to(lse_s.dtype)
-        for rows, cols, keep in _tiles(Ys.shape[1], G, ctx.block, xs.device):
-            d = tile(_mm(Xt[:, rows], Yt[:, cols].mT), _mm(Xs[:, rows], Ys[:, cols].mT),
-                     lse_t[:, rows], lse_s[:, rows], coef, keep, scale, xs.dtype)  # (N, R, C)
-            if gX is not None:                                       # dX = s D Y
-                gX[:, rows] += _mm(d, Ys[:, cols])
-            if gY is not None:                                       # dY = s D^T X
-                gY[:, cols] += _mm(d.mT, Xs[:, rows])
-        if need_x:  # undo _layout: (B*k, T*G, hd) -> (B,H,T,hd)
-            (B, H, T, hd), k = xs.shape, Ys.shape[0] // xs.shape[0]
-            gX = gX.reshape(B, k, T, G, hd).transpose(2, 3).reshape(B, H, T, hd).to(xs.dtype)
-        gY = gY.reshape(ys.shape).to(ys.dtype) if pair and need_y else None
-        return None, gX, None, gY, None, None
+        gY = (torch.zeros_like(Ys, dtype=lse_s.dtype) if pair else gX) if need_y else None
+        a, tile = torch.zeros_like(lse_t), _compiled(_kl_tile, compile, True)
+        for rows, cols, keep in _tiles(T, G, rb, cb, xs.device):  # contiguous lse: one graph
+            a_r, d = tile(_mm(Xt[:, rows], Yt[:, cols].mT), _mm(Xs[:, rows], Ys[:, cols].mT),
+                          lse_t[:, rows].contiguous(), lse_s[:, rows].contiguous(), keep,
+                          hd ** -0.5, xs.dtype if need_x or need_y else None)
+            a[:, rows] += a_r
+            if gX is not None:
+                _mm(d, Ys[:, cols], gX[:, rows])                     # dX = s D Y
+            if gY is not None:
+                _mm(d.mT, Xs[:, rows], gY[:, cols])                  # dY = s D^T X
+        ctx.grads, ctx.meta = (gX, gY if pair else None), (xs.shape, xs.dtype, G)
+        return (a - lse_t + lse_s).sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # times grad s, undo _layout: (B*k, T*G, hd) -> (B,H,T,hd), cast
+        (gX, gY), (xshape, dt, G), c = ctx.grads, ctx.meta, grad * ctx.meta[0][-1] ** -0.5
+        B, H, T, hd = xshape
+        if gX is not None:
+            gX = (gX.view(B, -1, T, G, hd).transpose(2, 3) * c).to(dt).reshape(xshape)
+        gY = None if gY is None else (gY * c).to(dt).view(B, -1, T, hd)
+        return None, gX, None, gY, None, None, None, None
 
 
-def relation_kl(xt, xs, yt=None, ys=None, block=1024, compile=None):
+def relation_kl(xt, xs, yt=None, ys=None, block=(2048, 1024), compile=None):
     """LinearARD relation KL: sum over batch, heads and rows i of KL(P_t,i || P_s,i),
     P_i = softmax_{j<=i}(x_i . y_j / sqrt(hd)). Self relation (Q/Q, K/K, V/V) when y is None;
     pair (Q,K) = attention KL with GQA: x (B,H,T,hd), y (B,K,T,hd), H % K == 0, no repeat.
-    Exact, memory linear in T: forward keeps lse_t, lse_s per row and KL_i = sum_j p_t,ij
-    (z_t,ij - z_s,ij) - lse_t,i + lse_s,i; backward recomputes tiles, D = p_s - p_t,
-    dX = s D Y, dY = s D^T X (self: s (D + D^T) X), s = 1/sqrt(hd). block: tile edge in
-    positions; compile: torch.compile the tile body (default: on CUDA only)."""
-    y = (xt if yt is None else yt, xs if ys is None else ys)
-    if (xt.dim() != 4 or xt.shape != xs.shape or y[0].shape != y[1].shape or block < 1
+    Exact, memory linear in T: row lse (lse_kernel, else tiles), then one tile pass: KL_i = sum_j
+    p_t,ij (s z_t,ij - s z_s,ij) - lse_t,i + lse_s,i; for a student that trains, D = p_s - p_t,
+    dX = s D Y, dY = s D^T X (self: s (D + D^T) X), s = 1/sqrt(hd), in fp32. A kernel's lse is
+    ours to fp32 rounding (~1e-6 rel.), so is the KL. block: tile (rows, cols) or edge, in
+    positions; compile: torch.compile the tile body (default: on CUDA)."""
+    y, (rb, cb) = (xt if yt is None else yt, xs if ys is None else ys), (
+        (block, block) if isinstance(block, int) else block)
+    if (xt.dim() != 4 or xt.shape != xs.shape or y[0].shape != y[1].shape or min(rb, cb) < 1
             or (yt is None) != (ys is None) or xt.shape[1] % y[0].shape[1]
             or xt.shape[0] != y[0].shape[0] or xt.shape[2:] != y[0].shape[2:]):
-        raise ValueError(f"need x (B,H,T,hd), optional y (B,K,T,hd) with H % K == 0, teacher "
-                         f"shape = student shape, block >= 1; got x {xt.shape} {xs.shape}, "
-                         f"y {y[0].shape} {y[1].shape}, block {block}")
-    compile = xs.is_cuda if compile is None else bool(compile)
-    return _RelationKL.apply(xt, xs, yt, ys, int(block), compile)
+        raise ValueError(f"need x (B,H,T,hd), y None or (B,K,T,hd), H % K == 0, teacher shapes "
+                         f"= student's, block >= 1; got {xt.shape} {xs.shape} {y[0].shape} "
+                         f"{y[1].shape} {block}")
+    return _RelationKL.apply(xt, xs, yt, ys, int(rb), int(cb), xs.is_cuda if compile is None
+                             else bool(compile), torch.is_grad_enabled())
 
 
 def relation_loss(cap_t, cap_s, layers, kinds=("q", "k", "v"), norm="own", **kw):
@@ -180,12 +185,9 @@ def relation_loss(cap_t, cap_s, layers, kinds=("q", "k", "v"), norm="own", **kw)
     LinearARD's code. cap = {"q": {l: (B,H,T,hd)}, "k": {l: (B,K,T,hd)}, "v": {...}}."""
     if norm not in ("own", "query") or not layers:
         raise ValueError(f'need norm "own" or "query" and >= 1 layer, got {norm!r}, {layers}')
-    total = 0.0
-    for l in layers:
-        for kind in kinds:
-            rows = cap_s["q" if norm == "query" else kind][l][..., 0].numel()  # B T heads
-            total = total + relation_kl(cap_t[kind][l], cap_s[kind][l], **kw) / rows
-    return total / len(layers)
+    return sum(relation_kl(cap_t[k][l], cap_s[k][l], **kw)
+               / cap_s["q" if norm == "query" else k][l][..., 0].numel()  # / (B T heads)
+               for l in layers for k in kinds) / len(layers)
 
 
 @torch.no_grad()
@@ -201,8 +203,7 @@ def select_layers(kl_per_layer, m):
     among the others (M+1 layers: 6 at 32K, 3 at 128K). kl_per_layer[i] is layer i's KL."""
     if not 0 <= m < (n := len(kl_per_layer)):
         raise ValueError(f"m must be in [0, {n - 1}] for {n} layers, got {m}")
-    top = sorted(range(n - 1), key=lambda i: kl_per_layer[i], reverse=True)[:m]
-    return sorted(top) + [n - 1]
+    return sorted(sorted(range(n - 1), key=lambda i: kl_per_layer[i], reverse=True)[:m]) + [n - 1]
 
 
 # ---- hidden-state losses (LongReD) -----------------------------------------------------------
@@ -266,7 +267,7 @@ class _LogitKD(torch.autograd.Function):
             if need_h:
                 torch.mm(d, ws, out=gh[c0:c1])                        # dH = dZ W
             if need_w:
-                _addmm_(gw, d.T, hs[c0:c1])                           # dW += dZ^T H
+                _mm(d.T, hs[c0:c1], gw)                               # dW += dZ^T H
             del d
         ctx.grads = gh, gw.to(ws.dtype) if need_w else None
         return tau * tau * kl / N + w_ce * ce
@@ -295,6 +296,5 @@ def logit_kd(hs, ht, ws, wt, chunk=2048, temperature=1.0, targets=None, ce_weigh
             targets is None or not ce_weight > 0)):
         raise ValueError("targets must be (N,) int64 (-100 = ignore); without a teacher give "
                          "targets and ce_weight > 0 (chunked CE)")
-    compile = hs.is_cuda if compile is None else bool(compile)
     return _LogitKD.apply(hs, ht, ws, wt, int(chunk), float(temperature), targets,
-                          float(ce_weight), compile)
+                          float(ce_weight), hs.is_cuda if compile is None else bool(compile))

@@ -106,6 +106,63 @@ def test_gradcheck_self_and_pair():
                                     (qs, ks))
 
 
+def dense_lse(x, y):
+    """Row lse (B*K, T*G) of the causal x y^T / sqrt(hd) in distill's _layout order."""
+    B, H, T, hd = x.shape
+    K = y.shape[1]
+    yr = y.repeat_interleave(H // K, dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    lse = (x @ yr.mT / math.sqrt(hd)).masked_fill(~causal, -math.inf).logsumexp(-1)  # (B,H,T)
+    return lse.reshape(B, K, H // K, T).transpose(2, 3).reshape(B * K, T * (H // K))
+
+
+@pytest.mark.parametrize("H,K,T,block", [(3, 3, 37, (8, 8)), (2, 2, 37, (16, 5)),
+                                         (6, 2, 41, (7, 16)), (4, 1, 23, (64, 3))])
+def test_row_lse_tile_loop_matches_dense(H, K, T, block):
+    """The tile-loop lse: CPU path, fp32/fp64 path and the fallback of the CUDA kernels."""
+    g = torch.Generator().manual_seed(12)
+    x, y = (torch.randn(2, n, T, 8, dtype=f64, generator=g) for n in (H, K))
+    y = x if H == K else y
+    X, Y = distill._layout(x, K), distill._layout(y, K)
+    lse = distill._row_lse(x, None if H == K else y, X, Y, H // K, *block)
+    assert distill.lse_kernel(x.device, x.dtype, 8) is None and rel(lse, dense_lse(x, y)) <= 1e-12
+
+
+@pytest.mark.parametrize("H,K,T,block", [(2, 2, 37, (16, 5)), (2, 2, 40, (8, 24)),
+                                         (6, 2, 41, (7, 16)), (4, 1, 23, (64, 3))])
+def test_relation_kl_one_pass_equals_kl_only_pass_and_dense(H, K, T, block):
+    """Forward with gradients (KL, D and the gradient GEMMs in one pass) == forward without
+    (KL only, as under no_grad) == dense; rectangular tiles, GQA, T no block divides."""
+    torch.manual_seed(13)
+    (xt, xs), (yt, ys) = pair((2, H, T, 8)), pair((2, K, T, 8))
+    args = (xt, xs) if H == K else (xt, xs, yt, ys)
+    with torch.no_grad():
+        kl_only = distill.relation_kl(*args, block=block)
+    ours = distill.relation_kl(*args, block=block)
+    ref = dense_relation_kl(*args)
+    assert abs(ours.item() - ref.item()) <= 1e-6 * ref.item()
+    assert abs(kl_only.item() - ours.item()) <= 1e-12 * ref.item()
+    leaves = args[1::2]
+    for a, b in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(ref, leaves)):
+        assert rel(a, b) <= 1e-6
+
+
+def test_relation_kl_with_lse_off_by_fp32_rounding(monkeypatch):
+    """A fused kernel's lse differs from ours by ~1e-6 relative: the KL moves by about as much,
+    the gradient by ~1e-4 (sum_j D_ij is off by ~1e-6), far below one bf16 rounding of D."""
+    torch.manual_seed(14)
+    xt, xs = pair((2, 3, 37, 8))
+    ref = dense_relation_kl(xt, xs)
+    g_ref, = torch.autograd.grad(ref, xs)
+    row_lse = distill._row_lse
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(distill, "_row_lse", lambda *a: (lambda l: l * (
+        1 + 1e-6 * torch.randn(l.shape, dtype=f64, generator=gen)))(row_lse(*a)))
+    ours = distill.relation_kl(xt, xs, block=8)
+    g, = torch.autograd.grad(ours, xs)
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item() and rel(g, g_ref) <= 1e-3
+
+
 def test_relation_kl_bf16_inputs_accumulate_in_fp32():
     torch.manual_seed(5)
     xt, xs = (t.detach().bfloat16() for t in pair((1, 2, 30, 16)))
@@ -267,18 +324,15 @@ def test_tile_bodies_trace_as_one_graph():
     g = torch.Generator().manual_seed(11)
     zt, zs = torch.randn(2, 6, 5, generator=g), torch.randn(2, 6, 5, generator=g)
     keep = torch.ones(6, 5, dtype=torch.bool).tril()
-    st = [torch.full((2, 6), -math.inf), torch.zeros(2, 6), torch.zeros(2, 6),
-          torch.full((2, 6), -math.inf), torch.zeros(2, 6)]
     lse = torch.randn(2, 6, generator=g)
     tgt = torch.tensor([1, -100, 3, 4, 0, 2])
-    calls = [(distill._stats_tile, (zt, zs, keep, 0.5, *st)),
-             (distill._grad_tile, (zt, zs, lse, lse + 1, torch.tensor(0.3), keep, 0.5,
-                                   torch.bfloat16)),
+    calls = [(distill._kl_tile, (zt, zs, lse, lse + 1, keep, 0.5, torch.bfloat16)),
+             (distill._kl_tile, (zt, zs, lse, lse + 1, None, 0.5, None)),
              (distill._kd_chunk, (zt[0], zs[0], tgt, 2.0, torch.tensor(0.1), torch.tensor(0.2),
                                   torch.float32))]
     for fn, args in calls:
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
-        for a, b in zip(compiled(*args), fn(*args)):
+        for a, b in zip(*(torch.utils._pytree.tree_leaves(f(*args)) for f in (compiled, fn))):
             torch.testing.assert_close(a, b)
 
 
@@ -327,3 +381,29 @@ def test_cuda_peak_memory_grows_linearly():
     p4, p8, p16 = peak(4096), peak(8192), peak(16384)
     assert p16 / p8 <= 2.2 and p8 / p4 <= 2.2
     assert p16 < 8 * 16384 * 16384 * 4 / 16  # far below one fp32 (H,T,T) map
+
+
+@cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="fused SDPA kernels need sm80+")
+def test_cuda_kernel_lse_matches_tile_loop(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 8, 1500, 128, device="cuda", generator=g).bfloat16()
+    y = torch.randn(2, 2, 1500, 128, device="cuda", generator=g).bfloat16()
+    assert distill.lse_kernel(x.device, x.dtype, 128) in ("cudnn", "flash")
+    for yy, K in ((None, 8), (y, 2)):  # self relation, GQA pair
+        X, Y = distill._layout(x, K), distill._layout(x if yy is None else yy, K)
+        lse = distill._row_lse(x, yy, X, Y, 8 // K, 256, 256)
+        ref = distill._lse_tiles(X, Y, 8 // K, 256, 256)
+        torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-4)
+    xs = (x.float() + 0.3 * torch.randn(x.shape, device="cuda", generator=g)).bfloat16()
+    ys = (y.float() + 0.3 * torch.randn(y.shape, device="cuda", generator=g)).bfloat16()
+    runs = []
+    for kernel in (distill.lse_kernel, lambda *a: None):  # fused kernel lse, then tile loop
+        monkeypatch.setattr(distill, "lse_kernel", kernel)
+        q, k = xs.clone().requires_grad_(), ys.clone().requires_grad_()
+        kl = distill.relation_kl(x, q, y, k, block=512)
+        runs.append((kl.item(), *torch.autograd.grad(kl, (q, k))))
+    assert abs(runs[0][0] - runs[1][0]) <= 1e-5 * runs[1][0]
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert rel(a.float(), b.float()) <= 1e-2
