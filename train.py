@@ -10,6 +10,7 @@ scaled RoPE. Micro-step kinds: long (T_target windows, CE), short (1K texts: CE 
 cosine), s2l (T_orig texts: CE or LongReD short-to-long cosine), rel (LinearARD relation KL), kd (SDLC).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -67,6 +68,7 @@ class Config:
     save_every: int = 0         # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False        # continue from out/ckpt (refused if the config differs)
     stop_at: int = 0            # save and stop after this step (a job's time limit); 0 = run all
+    no_save: bool = False       # no checkpoint and no export (speed and memory runs)
     seed: int = 0
 
 
@@ -262,8 +264,18 @@ def setup_dist():
 def build(cfg, d, dtype, device, world):
     """Frozen teacher (original RoPE, `dtype`) and student (fp32 master weights, scaled RoPE), each
     behind `Call`; the student in DDP, or sharded by FSDP2 (per block, then the root)."""
-    teacher = Llama.from_pretrained(cfg.init, dtype=dtype).requires_grad_(False).eval()
-    student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
+    if cfg.init.startswith("random:"):  # random weights of a named shape, made on the device
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            student = Llama(init_config(cfg.init))
+        for p in student.parameters():  # N(0, 0.02) matrices, unit norms: sane logits
+            if p.dim() > 1:
+                nn.init.normal_(p, std=0.02)
+        teacher = copy.deepcopy(student).to(dtype)
+    else:
+        student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
+        teacher = Llama.from_pretrained(cfg.init, dtype=dtype)
+    teacher.requires_grad_(False).eval()
     if d["rope"] == "phase":
         student.set_rope(d["phases"][0][1], None, max_pos=cfg.target)
     else:
@@ -289,6 +301,25 @@ def build(cfg, d, dtype, device, world):
     return student, teacher
 
 
+SHAPES = {  # --init random:NAME, for speed and memory measurements
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         head_dim=64, ffn_dim=1536, rope_theta=1e5, max_pos=8192,
+                         tie_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, ffn_dim=14336, rope_theta=5e5, max_pos=8192),
+    "llama-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     head_dim=64, ffn_dim=8192, rope_theta=5e5, max_pos=8192, tie_embeddings=True)}
+
+
+def init_config(init):
+    """The model config of --init: an HF folder's config.json or random:NAME of SHAPES."""
+    if init.startswith("random:"):
+        if init[7:] not in SHAPES:
+            raise ValueError(f"--init {init}: known shapes are random:{', random:'.join(SHAPES)}")
+        return LlamaConfig(**SHAPES[init[7:]])
+    return LlamaConfig.from_json(_need(init, "config.json"))
+
+
 def load_tokens(cfg, init_cfg):
     """All shards of cfg.data (not its heldout/), checked against the model's tokenizer and vocab."""
     if not os.path.isdir(cfg.data):
@@ -300,8 +331,8 @@ def load_tokens(cfg, init_cfg):
     try:
         enc = data.load_tokenizer(cfg.init)
         tok_hash, eos = data.tokenizer_hash(enc), enc.eos_id
-    except FileNotFoundError:
-        tok_hash, eos = None, init_cfg.hf.get("eos_token_id", 0)
+    except FileNotFoundError:  # a folder without a tokenizer, or random weights
+        tok_hash, eos = None, 0
     tokens = np.concatenate([data.read_shard(p, tok_hash, init_cfg.vocab_size) for p in shards])
     return tokens, tok_hash, eos
 
@@ -428,7 +459,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    init_cfg = LlamaConfig.from_json(_need(cfg.init, "config.json"))
+    init_cfg = init_config(cfg.init)
     d = derive(cfg, init_cfg, world)
     tokens, tok_hash, eos = load_tokens(cfg, init_cfg)
     d.update(n_layers=init_cfg.n_layers, eos=eos)
@@ -503,6 +534,7 @@ def main(argv=None):
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
                "tokens": (step + 1) * d["batch_tokens"], "tok_s": d["batch_tokens"] / dt,
+               "tok_s_gpu": d["batch_tokens"] / dt / world,
                "mfu": fl / dt / peak, "sec": dt}
         row.update({f"loss_{k}": float(sums[i] / sums[len(names) + i])
                     for i, k in enumerate(names) if sums[len(names) + i] > 0})
@@ -517,14 +549,15 @@ def main(argv=None):
             break
         if cfg.save_every and done % cfg.save_every == 0 and done < d["steps"]:
             save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
-    save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
-    if done == d["steps"]:
+    if not cfg.no_save:
+        save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
+    if done == d["steps"] and not cfg.no_save:
         export(f"{cfg.out}/final", student, init_cfg, d, cfg, rank)
     if rank == 0:
         log.close()
         plot(f"{cfg.out}/log.jsonl", f"{cfg.out}/loss.png")
-        print(f"exported {cfg.out}/final" if done == d["steps"] else
-              f"stopped at step {done}; continue with --resume")
+        print("done (--no-save)" if cfg.no_save else f"exported {cfg.out}/final"
+              if done == d["steps"] else f"stopped at step {done}; continue with --resume")
     if dist.is_initialized():
         dist.destroy_process_group()
 
