@@ -505,8 +505,8 @@ def main(argv=None):
             core.set_rope(theta, None, max_pos=cfg.target)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, d, cfg)
-        sums = torch.zeros(len(PRESETS) + 8, device=device, dtype=torch.float64)
         names, fl = sorted(set(kinds)), 0.0
+        sums = torch.zeros(2, len(names), device=device, dtype=torch.float64)  # loss sum, count
         for i in range(G):
             j = (step * G + i) * world + rank  # global micro index: data and ids as 1 process
             kind = kinds[i * world + rank]
@@ -517,8 +517,7 @@ def main(argv=None):
             with sync, autocast:
                 loss = student(micro_loss(kind, cfg, d, x, pos, teacher, gen))
                 (loss / G).backward()
-            sums[names.index(kind)] += loss.detach().float()
-            sums[len(names) + names.index(kind)] += 1
+            sums[:, names.index(kind)] += torch.stack((loss.detach().double(), sums.new_ones(())))
             fl += flops(kind, *x.shape, init_cfg.n_layers, d_attn, N)
         norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])
         if dist.is_initialized():
@@ -536,8 +535,8 @@ def main(argv=None):
                "tokens": (step + 1) * d["batch_tokens"], "tok_s": d["batch_tokens"] / dt,
                "tok_s_gpu": d["batch_tokens"] / dt / world,
                "mfu": fl / dt / peak, "sec": dt}
-        row.update({f"loss_{k}": float(sums[i] / sums[len(names) + i])
-                    for i, k in enumerate(names) if sums[len(names) + i] > 0})
+        row.update({f"loss_{k}": float(sums[0, i] / sums[1, i])
+                    for i, k in enumerate(names) if sums[1, i] > 0})
         if device.type == "cuda":
             row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if rank == 0:
