@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
@@ -337,6 +338,14 @@ def load_tokens(cfg, init_cfg):
     return tokens, tok_hash, eos
 
 
+def any_rank(flag, device):
+    """True on every rank if `flag` is True on any (so all ranks stop at the same step)."""
+    t = torch.tensor(float(flag), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
 def lr_at(step, d, cfg):
     """Linear warm-up, then cosine from lr to final_lr * lr (final_lr = 1: constant, LongReD)."""
     if step < d["warmup"]:
@@ -493,8 +502,11 @@ def main(argv=None):
     bar = tqdm(range(start, d["steps"]), initial=start, total=d["steps"], disable=rank != 0,
                dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
-    done = start
+    done, stop = start, []  # SIGTERM (a scheduler's pre-emption): save after this step, exit 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     for step in bar:
+        if any_rank(bool(stop), device):
+            break
         t0, done = time.perf_counter(), step + 1
         mix = pre["then"] if "then" in pre and step >= d["rel_steps"] else pre["mix"]
         kinds = schedule(mix, G * world)
@@ -548,6 +560,7 @@ def main(argv=None):
             break
         if cfg.save_every and done % cfg.save_every == 0 and done < d["steps"]:
             save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
+    signal.signal(signal.SIGTERM, previous)
     if not cfg.no_save:
         save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
     if done == d["steps"] and not cfg.no_save:

@@ -131,3 +131,40 @@ def test_per_document_hidden_equals_each_document_alone(tiny):
         for b, s, e in [(0, 0, 3), (0, 3, 8), (0, 8, 11), (1, 0, 6), (1, 6, 11)]:
             alone = m.forward_hidden(x[b:b + 1, s:e])[0][0]
             torch.testing.assert_close(h[b, s:e], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_sigterm_saves_and_resumes(tiny, tmp_path):
+    """A pre-empted run (SIGTERM) finishes its step, saves, exits 0; --resume completes it."""
+    import signal
+    import time
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--init", str(tiny / "model"),
+            "--data", str(tiny / "tokens"), *ARGS, "--method", "cpt", "--steps", "400",
+            "--out", str(tmp_path)]
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or not log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    step = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=False)["step"]
+    assert 1 <= step < 400 and f"stopped at step {step}" in out
+    rows = run(tiny, tmp_path, "--method", "cpt", "--steps", str(step + 2), "--resume")
+    assert [r["step"] for r in rows][-3:] == [step, step + 1, step + 2]
+    assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_non_finite_step_is_skipped(tiny, tmp_path, monkeypatch, capsys):
+    """A NaN loss skips that step's update (no row, weights stay finite); training goes on."""
+    calls, real = [], train.micro_loss
+    def poisoned(*a):
+        calls.append(1)
+        fn = real(*a)
+        return (lambda m: fn(m) * float("nan")) if len(calls) == 3 else fn
+    monkeypatch.setattr(train, "micro_loss", poisoned)
+    rows = run(tiny, tmp_path, "--method", "cpt", "--steps", "4", "--batch-tokens", "512")
+    assert [r["step"] for r in rows] == [1, 3, 4]  # step 2 held micro-step 3: skipped
+    assert "step 1: non-finite loss or gradient, step skipped" in capsys.readouterr().out
+    m = Llama.from_pretrained(tmp_path / "final")
+    assert all(torch.isfinite(p).all() for p in m.parameters())
