@@ -36,7 +36,7 @@ from rope import extend, phase_thetas, skipped_positions
 class Config:
     method: str = "longred-c"   # cpt | mix-cpt | longred-u | longred-c | linearard | linearard+cpt | kd
     target: int = 32768         # the one dial: the context window to reach
-    init: str = "assets/smollm2-135m"  # HF folder of the original model (teacher and student start)
+    init: str = "assets/smollm2-135m"  # HF folder of the original model, or random:SHAPE (speed runs)
     data: str = "assets/tokens"  # folder of token shards from `python data.py prepare`
     out: str = "runs/default"   # checkpoints, log.jsonl, loss.png, final/ (the exported student)
     orig: int = 0               # original window; 0 = the model's max_position_embeddings
@@ -46,11 +46,11 @@ class Config:
     batch_tokens: int = 0       # tokens per optimizer step, all ranks; 0 = the preset's
     micro_tokens: int = 0       # tokens per micro-step per rank; 0 = target
     steps: int = 0              # optimizer steps; 0 = tokens // batch_tokens
-    lr: float = 2e-5
+    lr: float = 2e-5            # peak AdamW learning rate (LongReD, LinearARD: 2e-5)
     final_lr: float = 0.0       # cosine decay to final_lr * lr; 0 = the preset's (1 = constant)
     warmup: int = 0             # linear warm-up steps; 0 = the preset's
-    wd: float = 0.1
-    beta2: float = 0.95
+    wd: float = 0.1             # AdamW weight decay on matrices (norms: none)
+    beta2: float = 0.95         # AdamW beta2 (beta1 = 0.9)
     clip: float = 0.0           # gradient-norm clip; 0 = the preset's (1.0, LinearARD 5.0)
     alpha1: float = -1.0        # LongReD short-distillation weight; -1 = 5 (s <= 4) or 2
     alpha2: float = -1.0        # LongReD short-to-long weight; -1 = 10 (s <= 4) or 15
@@ -89,7 +89,9 @@ FULL_KINDS = ("long", "kd")  # micro-steps whose loss reaches every trainable pa
 
 def parse_args(argv=None):
     """argparse generated from Config: --help lists every knob, typos fail."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
     comments = _field_comments()
     for f in fields(Config):
         kw = dict(default=f.default, help=comments.get(f.name, ""))
@@ -575,4 +577,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says what to fix
+        raise SystemExit(f"train.py: error: {e}")
