@@ -193,7 +193,7 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
         with torch.no_grad():
             ht = teacher(lambda m: m.forward_hidden(x, pos)[0])
         spos = skipped_positions(x.shape[1], cfg.target, d["skip"], gen).to(x.device)
-        return lambda m: d["alpha2"] * distill.hidden_cosine_loss([m.forward_hidden(x, spos)[0]], [ht])
+        return lambda m: d["alpha2"] * distill.s2l_loss(m.forward_hidden(x, spos)[0], ht)
     if kind == "rel":  # LinearARD: relation KL of Q/Q, K/K, V/V on every layer
         every = tuple(range(d["n_layers"]))
         with torch.no_grad():
@@ -356,7 +356,7 @@ def lr_at(step, d, cfg):
     return cfg.lr * (d["final_lr"] + (1 - d["final_lr"]) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def flops(kind, B, T, n_layers, d_attn, N, train=True):
+def flops(kind, B, T, n_layers, d_attn, N):
     """Model FLOPs of a micro-step: student 6N + 6 L T d_attn per token (causal-halved), teacher
     2N + 2 L T d_attn; N counts every matmul weight (the LM head too, not the embedding lookup)."""
     student = 6 * N + 6 * n_layers * T * d_attn
@@ -388,19 +388,23 @@ def checkpoint_meta(cfg, d, world, tok_hash, init_cfg):
     return m
 
 
-def save_checkpoint(path, student, opt, step, meta, rank):
-    """Full state on rank 0, written to path.tmp and renamed: a crash never leaves half a checkpoint."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        msd, osd = get_state_dict(student, opt,
-                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        msd, osd = student.state_dict(), opt.state_dict()
+def full_state(student, opt):
+    """(model, optimizer) state dicts, gathered whole (FSDP2) onto the CPU under torchrun."""
+    if not dist.is_initialized():
+        return student.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(student, opt,
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path, state, step, meta, rank):
+    """Rank 0 writes path.tmp and renames it: a crash never leaves half a checkpoint."""
     if rank == 0:
         tmp, old = path + ".tmp", path + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save({"model": msd, "optim": osd, "step": step, "meta": meta}, f"{tmp}/state.pt")
+        torch.save({"model": state[0], "optim": state[1], "step": step, "meta": meta},
+                   f"{tmp}/state.pt")
         if os.path.isdir(path):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -432,19 +436,12 @@ def load_checkpoint(path, student, opt, meta):
     return ck["step"]
 
 
-def export(path, student, init_cfg, d, cfg, rank):
+def export(path, msd, model_cfg, init_cfg, rank):
     """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype."""
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-    else:
-        sd = student.state_dict()
     if rank == 0:
         dtype = getattr(torch, str(init_cfg.hf.get("torch_dtype", "float32")), torch.float32)
-        sd = {k.removeprefix("module.").removeprefix("model."): v.to(dtype) for k, v in sd.items()}
-        mcfg = (student.module if hasattr(student, "module") else student).model.cfg
-        save_pretrained(mcfg, sd, path)
+        save_pretrained(model_cfg, {k.removeprefix("model."): v.to(dtype) for k, v in msd.items()},
+                        path)
 
 
 def plot(log_path, png):
@@ -561,12 +558,13 @@ def main(argv=None):
         if done == cfg.stop_at:
             break
         if cfg.save_every and done % cfg.save_every == 0 and done < d["steps"]:
-            save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
+            save_checkpoint(f"{cfg.out}/ckpt", full_state(student, opt), done, meta, rank)
     signal.signal(signal.SIGTERM, previous)
-    if not cfg.no_save:
-        save_checkpoint(f"{cfg.out}/ckpt", student, opt, done, meta, rank)
-    if done == d["steps"] and not cfg.no_save:
-        export(f"{cfg.out}/final", student, init_cfg, d, cfg, rank)
+    if not cfg.no_save:  # one gather serves the checkpoint and the export
+        state = full_state(student, opt)
+        save_checkpoint(f"{cfg.out}/ckpt", state, done, meta, rank)
+        if done == d["steps"]:
+            export(f"{cfg.out}/final", state[0], core.cfg, init_cfg, rank)
     if rank == 0:
         log.close()
         plot(f"{cfg.out}/log.jsonl", f"{cfg.out}/loss.png")
