@@ -198,6 +198,8 @@ def haystack(enc, text):
 
 HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
         "them. I will quiz you about the numbers afterwards.\n")
+PASSKEY_FILL = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                "There and back again.")  # the classic passkey haystack (Mohtashami & Jaggi, 2023)
 ASK = ("\nWhat {0} the special magic number{1} for {2} mentioned in the provided text? The special "
        "magic number{1} for {2} mentioned in the provided text {3}")
 
@@ -232,9 +234,11 @@ def needle_spec(kind, rng, words):
 
 
 def make_needle(enc, hay, kind, length, depth, rng):
-    """-> (prompt ids, answer segment ids), `length` tokens in all: header, book sentences, the
-    asked needle at the boundary nearest `depth` (0 first, 1 last), the others random, question."""
-    sents, (head, needles, question, answers) = hay[0], needle_spec(kind, rng, hay[1])
+    """-> (prompt ids, answer segment ids), `length` tokens in all: header, book sentences (passkey:
+    the repeated classic filler), the asked needle at the boundary nearest `depth` (0 first, 1 last), the others random, question."""
+    head, needles, question, answers = needle_spec(kind, rng, hay[1])
+    sents = enc.encode_ordinary_batch([" " + s for s in PASSKEY_FILL]) if kind == "passkey" \
+        else hay[0]
     head, question = enc.encode_ordinary(head), enc.encode_ordinary(question)
     needles = enc.encode_ordinary_batch([" " + s for s in needles])
     answers = enc.encode_ordinary_batch(answers)
