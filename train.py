@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -154,8 +155,17 @@ def schedule(mix, n):
     return [k for k in sorted(counts, key=lambda k: k in FULL_KINDS) for _ in range(counts[k])]
 
 
+def head_inputs(h, w):
+    """(h, w) in the autocast dtype: logit_kd is an autograd.Function, which autocast does not
+    enter, so fp32 master weights would make its LM-head GEMMs fp32 (21% of a 1B step, P3)."""
+    kind = h.device.type
+    dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+    return h.to(dt), w.to(dt)
+
+
 def lm_loss(h, w, targets):
     """Mean next-token CE through the LM head, chunked: distill.logit_kd with no teacher."""
+    h, w = head_inputs(h, w)
     return distill.logit_kd(h, None, w, None, targets=targets, ce_weight=1.0)
 
 
@@ -179,7 +189,8 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
     """The loss function of one micro-step; teacher outputs computed here without grad."""
     method, layers = cfg.method, d.get("layers", ())
     if kind == "long" or (method == "mix-cpt" and kind in ("short", "s2l")):
-        return lambda m: lm_loss(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight, shift(x))
+        return lambda m: lm_loss(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight,
+                                 shift(x))
     if kind == "short":  # LongReD L_short: selected blocks, the last one as the final-norm state
         blocks = layers[:-1]
         with torch.no_grad():
@@ -204,9 +215,11 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
         with torch.no_grad():
             ht, wt = teacher(lambda m: (per_document_hidden(m, x, d["eos"]), m.lm_head.weight))
         tgt = shift(x) if cfg.kd_ce else None
-        return lambda m: distill.logit_kd(m.forward_hidden(x, pos)[0].flatten(0, 1), ht,
-                                          m.lm_head.weight, wt, temperature=cfg.kd_temperature,
-                                          targets=tgt, ce_weight=cfg.kd_ce)
+        def kd(m):
+            hs, ws = head_inputs(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight)
+            return distill.logit_kd(hs, ht.to(hs.dtype), ws, wt.to(ws.dtype), targets=tgt,
+                                    temperature=cfg.kd_temperature, ce_weight=cfg.kd_ce)
+        return kd
     raise ValueError(kind)
 
 
@@ -381,9 +394,11 @@ META = ("method", "target", "orig", "rope", "abf_theta", "batch_tokens", "micro_
         "train_params", "fsdp")
 
 
-def checkpoint_meta(cfg, d, world, tok_hash, init_cfg):
+def checkpoint_meta(cfg, d, world, tok_hash, tokens, init_cfg):
+    """What a --resume must match: the config, world size, tokenizer, data (crc32: 4 GB in 1 s)."""
     m = {k: getattr(cfg, k) for k in META}
-    m.update(world=world, tokenizer=tok_hash, model=json.dumps(init_cfg.to_hf(), sort_keys=True),
+    m.update(world=world, tokenizer=tok_hash, data=f"{len(tokens)} tokens, crc32 "
+             f"{zlib.crc32(tokens):08x}", model=json.dumps(init_cfg.to_hf(), sort_keys=True),
              rope_derived=json.dumps([d.get("theta"), d.get("scaling"), d.get("phases")]))
     return m
 
@@ -436,12 +451,16 @@ def load_checkpoint(path, student, opt, meta):
     return ck["step"]
 
 
-def export(path, msd, model_cfg, init_cfg, rank):
-    """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype."""
+def export(path, msd, model_cfg, init_cfg, rank, init=""):
+    """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype,
+    with the init folder's tokenizer files beside it."""
     if rank == 0:
         dtype = getattr(torch, str(init_cfg.hf.get("torch_dtype", "float32")), torch.float32)
         save_pretrained(model_cfg, {k.removeprefix("model."): v.to(dtype) for k, v in msd.items()},
                         path)
+        for f in os.listdir(init) if os.path.isdir(init) else []:
+            if f.startswith(("tokenizer", "tiktoken", "special_tokens")):
+                shutil.copy2(os.path.join(init, f), path)
 
 
 def plot(log_path, png):
@@ -459,6 +478,7 @@ def plot(log_path, png):
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.dirname(log_path))
     ax.legend()
     fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)  # in-process runs (tests) would keep every figure open
 
 
 def main(argv=None):
@@ -489,14 +509,18 @@ def main(argv=None):
         for k, v in d.items():
             print(f"  {k:15} {v}")
     os.makedirs(cfg.out, exist_ok=True)
-    meta = checkpoint_meta(cfg, d, world, tok_hash, init_cfg)
+    meta = checkpoint_meta(cfg, d, world, tok_hash, tokens, init_cfg)
     start = load_checkpoint(f"{cfg.out}/ckpt", student, opt, meta) if cfg.resume else 0
     pre, G = PRESETS[cfg.method], d["accum"]
     N = sum(p.numel() for n, p in core.named_parameters() if "embed_tokens" not in n) + \
         (core.lm_head.weight.numel() if init_cfg.tie_embeddings else 0)
     d_attn = init_cfg.n_heads * init_cfg.head_dim
     peak = 989.4e12 if device.type == "cuda" else float("nan")
-    log = open(f"{cfg.out}/log.jsonl", "a" if cfg.resume else "w")
+    log_path = f"{cfg.out}/log.jsonl"
+    if cfg.resume and rank == 0 and os.path.exists(log_path):  # rows past the checkpoint: a killed
+        rows = [r for r in open(log_path) if r.endswith("\n")]  # run's, redone now; drop them
+        open(log_path, "w").writelines(r for r in rows if json.loads(r)["step"] <= start)
+    log = open(log_path, "a" if cfg.resume else "w")
     from tqdm import tqdm
     bar = tqdm(range(start, d["steps"]), initial=start, total=d["steps"], disable=rank != 0,
                dynamic_ncols=True)
@@ -530,14 +554,19 @@ def main(argv=None):
                 (loss / G).backward()
             sums[:, names.index(kind)] += torch.stack((loss.detach().double(), sums.new_ones(())))
             fl += flops(kind, *x.shape, init_cfg.n_layers, d_attn, N)
-        norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-        if not torch.isfinite(torch.as_tensor(norm)).all() or not torch.isfinite(sums).all():
-            opt.zero_grad(set_to_none=True)
-            print(f"rank {rank} step {step}: non-finite loss or gradient, step skipped")
-            continue
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])  # the same on every rank
+        bad = torch.zeros(world, device=device, dtype=sums.dtype)  # slot r: rank r's loss is bad
+        bad[rank] = (~torch.isfinite(sums)).any()
+        if dist.is_initialized():  # one collective: loss sums, counts and the slots
+            flat = torch.cat((sums.flatten(), bad))
+            dist.all_reduce(flat)
+            sums, bad = flat[:-world].view_as(sums), flat[-world:]
+        skip = bool(bad.any()) or not torch.isfinite(torch.as_tensor(norm)).all()
+        if skip and rank == 0:  # every rank skips: no update, no row, no optimizer state
+            who = f"loss on rank(s) {bad.nonzero().flatten().tolist()}" if bad.any() else "gradient"
+            print(f"step {step + 1}: non-finite {who}; step skipped on all ranks")
+        if not skip:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -550,7 +579,7 @@ def main(argv=None):
                     for i, k in enumerate(names) if sums[1, i] > 0})
         if device.type == "cuda":
             row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if rank == 0:
+        if rank == 0 and not skip:
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss_")} |
@@ -564,10 +593,10 @@ def main(argv=None):
         state = full_state(student, opt)
         save_checkpoint(f"{cfg.out}/ckpt", state, done, meta, rank)
         if done == d["steps"]:
-            export(f"{cfg.out}/final", state[0], core.cfg, init_cfg, rank)
+            export(f"{cfg.out}/final", state[0], core.cfg, init_cfg, rank, cfg.init)
     if rank == 0:
         log.close()
-        plot(f"{cfg.out}/log.jsonl", f"{cfg.out}/loss.png")
+        plot(log_path, f"{cfg.out}/loss.png")
         print("done (--no-save)" if cfg.no_save else f"exported {cfg.out}/final"
               if done == d["steps"] else f"stopped at step {done}; continue with --resume")
     if dist.is_initialized():
