@@ -1,7 +1,10 @@
-"""Performance goals P1 and P2 of BENCH.md, both sides of every ratio in one run.
+"""Performance goals P1, P2, P4 of BENCH.md, both sides of every ratio in one run, and P3's profile.
 
 P1: relation KL (Q/Q self, causal, exact) fwd+bwd vs SDPA fwd+bwd (cuDNN, flash, efficient) and a
 dense fp32 reference. P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
+P4: the model's own attention call (GQA without repeat, q/k/v as views) vs the best backend.
+P3: `python bench.py --only p3 -- TRAIN_ARGS` profiles train.py's second optimizer step and splits
+its GPU time into attention, GEMMs, teacher forward and each loss.
 Timing: CUDA events, 2 warm-up calls (torch.compile included), median of --reps fresh random
 inputs; peak extra memory = max_memory_allocated after reset_peak_memory_stats minus
 memory_allocated just before the call. `python bench.py --quick` is a CPU smoke test.
@@ -161,9 +164,80 @@ def bench_p2(a, dev, rows, out):
     out[f"p2_naive_extrapolated_{T}_gib"] = ratio(naive[1], tn / T)
 
 
+def bench_p4(a, dev, rows, out):
+    """The SDPA call of model.Attention on a Llama-1B layer at 32K (32 q / 8 kv heads, d 64), as
+    the model makes it, vs each backend on contiguous, repeated k/v (the usual standalone call)."""
+    B, T, H, K, hd = (1, 256, 4, 2, 16) if a.quick else (1, 32768, 32, 8, 64)
+    dt = torch.float32 if a.quick else torch.bfloat16
+
+    def model_like():  # (B,T,H*hd) projections viewed as (B,H,T,hd), as model.Attention does
+        x = [torch.randn(B, T, n * hd, device=dev, dtype=dt, requires_grad=True) for n in (H, K, K)]
+        return [t.view(B, T, -1, hd).transpose(1, 2) for t in x] + [torch.randn(B, H, T, hd,
+                                                                             device=dev, dtype=dt)]
+
+    def ours(q, k, v, do):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
+    r = measure(ours, model_like, a.reps, dev)
+    rows.append(("P4", "model attention (GQA views) fwd+bwd", T, *r))
+    best = []
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        def sdpa(q, k, v, do, name=name):
+            with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+        b = measure(sdpa, lambda: [torch.randn(B, H, T, hd, device=dev, dtype=dt,
+                                               requires_grad=i < 3) for i in range(4)], a.reps, dev)
+        rows.append(("P4", f"SDPA {name.split('_')[0].lower()} fwd+bwd (H = {H} k/v)", T, *b))
+        best += [b[0]] if isinstance(b[0], float) else []
+    out["p4_best_over_model"] = ratio(min(best), r[0]) if best else "n/a"
+
+
+def profile_p3(train_args):
+    """Profile the 2nd optimizer step of `train.py TRAIN_ARGS`; GPU time by category."""
+    import train
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+    labels = {"hidden_cosine_loss": "loss short", "s2l_loss": "loss s2l",
+              "relation_loss": "loss rel", "logit_kd": "loss CE/KD (LM head)"}
+    for fn, label in labels.items():  # train.py calls distill.X: label each call
+        f = getattr(distill, fn)
+        setattr(distill, fn, lambda *x, f=f, label=label, **k: record_function(label)(f)(*x, **k))
+    fwd = train.Llama.forward_hidden  # the teacher runs without grad, the student with
+
+    def forward_hidden(self, *x, **k):
+        with record_function("student fwd" if torch.is_grad_enabled() else "teacher fwd"):
+            return fwd(self, *x, **k)
+    train.Llama.forward_hidden = forward_hidden
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=1, warmup=0, active=1))
+    step = torch.optim.AdamW.step
+    torch.optim.AdamW.step = lambda self, *x, **k: (step(self, *x, **k), prof.step())[0]
+    with prof:
+        train.main(train_args)
+    ev = prof.key_averages()
+    ranges = {"teacher fwd", "student fwd", *labels.values()}
+    gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA  # kernels, memcpy
+           and e.key not in ranges and not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_device_time_total for e in gpu) or float("nan")
+    import re
+    print(f"\nP3 profile of one optimizer step: GPU busy {total / 1e3:.0f} ms")
+    attn = r"flash|fmha|cudnn|attention|sdpa"
+    for name, pat in {"attention kernels": attn, "GEMM kernels": r"gemm|cutlass|nvjet|xmma"}.items():
+        t = sum(e.self_device_time_total for e in gpu if re.search(pat, e.key, re.I)
+                and (pat == attn or not re.search(attn, e.key, re.I)))
+        print(f"  {name:34} {t / 1e3:9.1f} ms {t / total:6.1%}")
+    for name in ["teacher fwd", "student fwd", *labels.values()]:  # forward ranges only
+        t = sum(e.device_time_total for e in ev if e.key == name and e.device_type ==
+                torch.autograd.DeviceType.CPU)
+        print(f"  {name + ' (fwd range)':34} {t / 1e3:9.1f} ms {t / total:6.1%}")
+    print("  top kernels:")
+    for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 1e3:9.1f} ms x{e.count:<6} {e.key[:90]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("p1", "p2"), help="run one goal only")
+    p.add_argument("--only", choices=("p1", "p2", "p3", "p4"), help="run one goal only (p3: "
+                   "profile `train.py TRAIN_ARGS`, given after --)")
+    p.add_argument("train_args", nargs="*", help="with --only p3: train.py arguments")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test, seconds)")
     p.add_argument("--json", default="out/bench.json", help="where to write the results")
     p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
@@ -171,6 +245,8 @@ def main():
                    else int(s), help="relation_kl tile, ROWSxCOLS or one edge (default: its own)")
     p.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
     a = p.parse_args()
+    if a.only == "p3":
+        return profile_p3(a.train_args)
     if a.reps < 1:
         p.error("--reps must be >= 1")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,7 +254,7 @@ def main():
         p.error("full shapes need CUDA; use --quick on CPU")
     rows, out = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "quick": a.quick}
-    for goal, fn in (("p1", bench_p1), ("p2", bench_p2)):
+    for goal, fn in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4)):
         if a.only in (None, goal):
             fn(a, dev, rows, out)
     print(f"\n{out['device']}, torch {out['torch']}\n\n| goal | what | n / T | ms | peak GiB |")
