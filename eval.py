@@ -344,14 +344,16 @@ def markdown_row(res):
 
 
 # ---------------------------------------------------------------------------- CLI
-def load(path, dtype, device, rope=None, target=None):
-    """A Llama from an HF folder, RoPE extended to `target` if asked -> (model, original window:
-    the scaling's original_max_position_embeddings, else max_pos / factor)."""
+def load(path, dtype, device, rope=None, target=None, t_orig=None):
+    """A Llama from an HF folder, RoPE extended from `t_orig` to `target` if asked -> (model,
+    original window: t_orig, else the scaling's original_max_position_embeddings, else
+    max_pos / factor)."""
     from model import Llama
     from rope import extend
     m = Llama.from_pretrained(path, dtype=dtype)
     sc = m.cfg.rope_scaling or {}
-    t_orig = sc.get("original_max_position_embeddings") or int(m.cfg.max_pos / sc.get("factor", 1))
+    t_orig = t_orig or sc.get("original_max_position_embeddings") or \
+        int(m.cfg.max_pos / sc.get("factor", 1))
     if rope:
         m.set_rope(*extend(rope, m.cfg.rope_theta, m.cfg.head_dim, t_orig, target), max_pos=target)
     return m.to(device).eval(), t_orig
@@ -365,7 +367,7 @@ def main(a):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if a.device == "cuda" else "cpu"
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
-    model, t_orig = load(a.model, dtype, device, a.rope, a.target)
+    model, t_orig = load(a.model, dtype, device, a.rope, a.target, a.t_orig)
     if a.teacher and not a.t_orig:  # the original model's window
         from model import LlamaConfig
         t_orig = LlamaConfig.from_json(Path(a.teacher, "config.json")).max_pos

@@ -1,0 +1,101 @@
+"""The results table from the outputs of results/table.sh.
+
+    python results/table.py OUT   ->  OUT/table.md, OUT/retention.png, OUT/needles.png
+
+One row per OUT/eval/ROW/results.json (eval.py), in table.sh's order, with the training cost from
+OUT/runs/ROW/log.jsonl (train.py): tokens, GPU minutes (sum of step times), peak memory. Scores in
+%; the short average carries its binomial standard error (items independent, per task n).
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ORDER = ["original", "pi_x4", "abf", "cpt", "mix-cpt", "longred-u", "longred-c", "linearard",
+         "linearard+cpt", "kd"]
+
+
+def load(out):
+    """-> [(row, eval results, training log rows)] for each evaluated row."""
+    found = {p.parent.name: p for p in Path(out, "eval").glob("*/results.json")}
+    rows = sorted(found, key=lambda r: (ORDER.index(r) if r in ORDER else len(ORDER), r))
+    logs = {r: Path(out, "runs", r, "log.jsonl") for r in rows}
+    return [(r, json.loads(found[r].read_text()),
+             [json.loads(x) for x in logs[r].open()] if logs[r].exists() else []) for r in rows]
+
+
+def columns(res, log):
+    """One row's cells: training cost, short tasks, perplexities, needles, drift."""
+    c = {"tokens": f"{log[-1]['tokens'] / 1e6:.2f}M" if log else "0",
+         "GPU min": f"{sum(r['sec'] for r in log) / 60:.1f}" if log else "-",
+         "peak GB": f"{max(r.get('mem_gb', 0) for r in log):.1f}" if log else "-"}
+    s, l, d = res["short"], res["long"], res["drift"]
+    c.update({t: f"{100 * v[v['primary']]:.1f}" for t, v in s["tasks"].items()})
+    se = np.sqrt(sum(v[v["primary"]] * (1 - v[v["primary"]]) / v["n"] for v in
+                     s["tasks"].values())) / len(s["tasks"])  # binomial, tasks independent
+    c["short avg"] = f"{100 * s['avg']:.2f} +- {100 * se:.2f}"
+    c["% of orig."] = f"{s.get('ratio', 100):.1f}"
+    c.update({f"ppl {int(w) // 1024}K": f"{p:.1f}" for w, p in s["ppl"].items()})
+    acc = np.asarray(l["needles"])  # (kinds, lengths, depths)
+    k = l["kinds"].index("passkey") if "passkey" in l["kinds"] else None
+    lengths = "/".join(f"{n // 1024}K" for n in l["lengths"])
+    if k is not None:
+        c[f"passkey {lengths}"] = " / ".join(f"{100 * a:.0f}" for a in acc[k].mean(-1))
+    rest = np.delete(acc, [k] if k is not None else [], axis=0)
+    c[f"needles {lengths}"] = " / ".join(f"{100 * a:.0f}" for a in rest.mean((0, 2)))
+    b = np.asarray(l["ppl_by_2k"])  # per 2K bucket of one target-length window
+    c[f"ppl {res['t_orig'] // 1024}-{res['target'] // 1024}K"] = \
+        f"{np.exp(np.log(b[res['t_orig'] // 2048:]).mean()):.1f}"
+    c["hidden cos"] = f"{np.mean(d['cos'][:-1]):.4f}"
+    return c
+
+
+def plots(table, out):
+    """retention.png: short-average retention vs hidden-state similarity (LongReD's correlation);
+    needles.png: accuracy by length x depth (mean over kinds) per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    x = [np.mean(res["drift"]["cos"][:-1]) for _, res, _ in table]
+    y = [res["short"].get("ratio", 100) for _, res, _ in table]
+    ax.scatter(x, y)
+    for (row, _, _), a, b in zip(table, x, y):
+        ax.annotate(row, (a, b), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    r = np.corrcoef(x, y)[0, 1] if len(x) > 2 else float("nan")
+    ax.set(xlabel="mean hidden-state cosine to the original (8K texts)",
+           ylabel="short average, % of the original", title=f"Pearson r = {r:.2f}")
+    fig.savefig(Path(out, "retention.png"), dpi=120, bbox_inches="tight")
+    fig, axes = plt.subplots(1, len(table), figsize=(2 * len(table) + 1, 3), squeeze=False,
+                             sharey=True)
+    for ax, (row, res, _) in zip(axes[0], table):
+        l = res["long"]
+        a = np.asarray(l["needles"]).mean(0)  # (lengths, depths)
+        im = ax.imshow(a.T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_title(f"{row}\nmean {a.mean():.2f}", fontsize=8)
+        ax.set(xticks=range(len(l["lengths"])),
+               xticklabels=[f"{n // 1024}K" for n in l["lengths"]],
+               yticks=range(len(l["depths"])), yticklabels=[f"{d:.0%}" for d in l["depths"]])
+    axes[0, 0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist())
+    fig.savefig(Path(out, "needles.png"), dpi=120, bbox_inches="tight")
+    plt.close("all")
+
+
+def main(out):
+    table = load(out)
+    if not table:
+        raise SystemExit(f"table.py: no {out}/eval/*/results.json; run results/table.sh {out}")
+    cells = [columns(res, log) for _, res, log in table]
+    head = ["row"] + list(cells[0])
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join(
+        f"| {row} | " + " | ".join(c.get(h, "-") for h in head[1:]) + " |\n"
+        for (row, _, _), c in zip(table, cells))
+    Path(out, "table.md").write_text(md)
+    plots(table, out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out/table")
