@@ -65,7 +65,7 @@ class Config:
     phases: str = ""            # kd: comma-separated window lengths; "" = doubling up to target
     train_params: str = ""      # regex on parameter names to train; "" = the preset's (all)
     dtype: str = "auto"         # bfloat16 | float32; auto = bf16 on CUDA, fp32 on CPU
-    fsdp: bool = False          # FSDP2: shard student and teacher (models DDP cannot hold)
+    fsdp: bool = False          # FSDP2: shard the student (the bf16 teacher is replicated)
     checkpointing: bool = False  # per-block activation checkpointing
     save_every: int = 0         # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False        # continue from out/ckpt (refused if the config differs)
