@@ -70,6 +70,17 @@ def dense_relation_kl(xt, xs):
     return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum()
 
 
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def sdpa_backend(name):
+    """fwd+bwd of causal SDPA forced onto one backend: fn(q, k, v, grad_out)."""
+    def fn(q, k, v, do):
+        with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+    return fn
+
+
 def ratio(a, b):
     return a / b if isinstance(a, float) and isinstance(b, float) else "n/a"
 
@@ -108,11 +119,9 @@ def bench_p1(a, dev, rows, out):
     for n in ns:
         ours[n] = measure(ours_fn, lambda: (rnd(n), rnd(n, True)), a.reps, dev)
         rows.append(("P1", "relation_kl Q/Q fwd+bwd (ours)", n, *ours[n]))
-        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-            def sdpa(q, k, v, do, name=name):
-                with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-            r = measure(sdpa, lambda: (*(rnd(n, True) for _ in range(3)), rnd(n)), a.reps, dev)
+        for name in BACKENDS:
+            r = measure(sdpa_backend(name), lambda: (*(rnd(n, True) for _ in range(3)), rnd(n)),
+                        a.reps, dev)
             rows.append(("P1", f"SDPA {name.split('_')[0].lower()} fwd+bwd", n, *r))
             if name == "CUDNN_ATTENTION":
                 out[f"p1_ours_over_cudnn_{n}"] = ratio(ours[n][0], r[0])
@@ -180,11 +189,8 @@ def bench_p4(a, dev, rows, out):
     r = measure(ours, model_like, a.reps, dev)
     rows.append(("P4", "model attention (GQA views) fwd+bwd", T, *r))
     best = []
-    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-        def sdpa(q, k, v, do, name=name):
-            with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-        b = measure(sdpa, lambda: [torch.randn(B, H, T, hd, device=dev, dtype=dt,
+    for name in BACKENDS:
+        b = measure(sdpa_backend(name), lambda: [torch.randn(B, H, T, hd, device=dev, dtype=dt,
                                                requires_grad=i < 3) for i in range(4)], a.reps, dev)
         rows.append(("P4", f"SDPA {name.split('_')[0].lower()} fwd+bwd (H = {H} k/v)", T, *b))
         best += [b[0]] if isinstance(b[0], float) else []
