@@ -225,8 +225,8 @@ def profile_p3(train_args):
     total = sum(e.self_device_time_total for e in gpu) or float("nan")
     import re
     print(f"\nP3 profile of one optimizer step: GPU busy {total / 1e3:.0f} ms")
-    attn = r"flash|fmha|cudnn|attention|sdpa"
-    for name, pat in {"attention kernels": attn, "GEMM kernels": r"gemm|cutlass|nvjet|xmma"}.items():
+    attn, gemm = r"flash|fmha|cudnn|attention|sdpa", r"gemm|cutlass|nvjet|xmma"
+    for name, pat in {"attention kernels": attn, "GEMM kernels": gemm}.items():
         t = sum(e.self_device_time_total for e in gpu if re.search(pat, e.key, re.I)
                 and (pat == attn or not re.search(attn, e.key, re.I)))
         print(f"  {name:34} {t / 1e3:9.1f} ms {t / total:6.1%}")

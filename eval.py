@@ -235,7 +235,8 @@ def needle_spec(kind, rng, words):
 
 def make_needle(enc, hay, kind, length, depth, rng):
     """-> (prompt ids, answer segment ids), `length` tokens in all: header, book sentences (passkey:
-    the repeated classic filler), the asked needle at the boundary nearest `depth` (0 first, 1 last), the others random, question."""
+    the repeated classic filler), the asked needle at the boundary nearest `depth` (0 first,
+    1 last), the others random, question."""
     head, needles, question, answers = needle_spec(kind, rng, hay[1])
     sents = enc.encode_ordinary_batch([" " + s for s in PASSKEY_FILL]) if kind == "passkey" \
         else hay[0]
