@@ -67,6 +67,7 @@ class Config:
     dtype: str = "auto"         # bfloat16 | float32; auto = bf16 on CUDA, fp32 on CPU
     fsdp: bool = False          # FSDP2: shard the student (the bf16 teacher is replicated)
     checkpointing: bool = False  # per-block activation checkpointing
+    compile: bool = False       # torch.compile each block (fuses RoPE, SwiGLU, norms, casts)
     save_every: int = 0         # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False        # continue from out/ckpt (refused if the config differs)
     stop_at: int = 0            # save and stop after this step (a job's time limit); 0 = run all
@@ -302,6 +303,8 @@ def build(cfg, d, dtype, device, world):
     if not any(p.requires_grad for p in student.parameters()):
         raise ValueError(f"--train-params {d['train_params']!r} matches no parameter name")
     student.checkpointing = teacher.checkpointing = cfg.checkpointing
+    for block in [*student.layers, *teacher.layers] if cfg.compile else []:
+        block.compile()  # in place: names and state_dict keys stay the HF ones
     student, teacher = Call(student.to(device)), Call(teacher.to(device))
     if cfg.fsdp:  # the frozen teacher stays whole on every GPU (bf16: 16 GB for 8B), so ranks
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # need no teacher

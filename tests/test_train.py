@@ -171,3 +171,18 @@ def test_non_finite_step_is_skipped(tiny, tmp_path, monkeypatch, capsys):
         capsys.readouterr().out
     m = Llama.from_pretrained(tmp_path / "final")
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_compile_gives_the_same_steps(tiny, tmp_path, monkeypatch):
+    """--compile: the same losses and gradient norms as eager (on CPU through dynamo + AOT
+    autograd with the eager backend, as inductor's C++ build takes minutes on 2 cores)."""
+    compile_, compiled = torch.nn.Module.compile, []
+    backend = {} if torch.cuda.is_available() else {"backend": "aot_eager"}
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compiled.append(compile_(self, **backend)))
+    rows = [run(tiny, tmp_path / str(len(c)), "--method", "longred-c", "--steps", "2", *c)
+            for c in ([], ["--compile"])]
+    assert len(compiled) == 6  # every block of student and teacher
+    for a, b in zip(*rows):
+        for k in ("loss_long", "loss_short", "loss_s2l", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
