@@ -25,9 +25,13 @@ def load(out):
              [json.loads(x) for x in logs[r].open()] if logs[r].exists() else []) for r in rows]
 
 
+def kilo(n):
+    return f"{int(n) / 1024:g}K"
+
+
 def columns(res, log):
     """One row's cells: training cost, short tasks, perplexities, needles, drift."""
-    c = {"tokens": f"{log[-1]['tokens'] / 1e6:.2f}M" if log else "0",
+    c = {"tokens": f"{log[-1]['tokens'] / 1e6:.3g}M" if log else "0",
          "GPU min": f"{sum(r['sec'] for r in log) / 60:.1f}" if log else "-",
          "peak GB": f"{max(r.get('mem_gb', 0) for r in log):.1f}" if log else "-"}
     s, l, d = res["short"], res["long"], res["drift"]
@@ -36,16 +40,16 @@ def columns(res, log):
                      s["tasks"].values())) / len(s["tasks"])  # binomial, tasks independent
     c["short avg"] = f"{100 * s['avg']:.2f} +- {100 * se:.2f}"
     c["% of orig."] = f"{s.get('ratio', 100):.1f}"
-    c.update({f"ppl {int(w) // 1024}K": f"{p:.1f}" for w, p in s["ppl"].items()})
+    c.update({f"ppl {kilo(w)}": f"{p:.1f}" for w, p in s["ppl"].items()})
     acc = np.asarray(l["needles"])  # (kinds, lengths, depths)
     k = l["kinds"].index("passkey") if "passkey" in l["kinds"] else None
-    lengths = "/".join(f"{n // 1024}K" for n in l["lengths"])
+    lengths = "/".join(kilo(n) for n in l["lengths"])
     if k is not None:
         c[f"passkey {lengths}"] = " / ".join(f"{100 * a:.0f}" for a in acc[k].mean(-1))
     rest = np.delete(acc, [k] if k is not None else [], axis=0)
     c[f"needles {lengths}"] = " / ".join(f"{100 * a:.0f}" for a in rest.mean((0, 2)))
     b = np.asarray(l["ppl_by_2k"])  # per 2K bucket of one target-length window
-    c[f"ppl {res['t_orig'] // 1024}-{res['target'] // 1024}K"] = \
+    c[f"ppl {kilo(res['t_orig'])}-{kilo(res['target'])}"] = \
         f"{np.exp(np.log(b[res['t_orig'] // 2048:]).mean()):.1f}"
     c["hidden cos"] = f"{np.mean(d['cos'][:-1]):.4f}"
     return c
@@ -75,7 +79,7 @@ def plots(table, out):
         im = ax.imshow(a.T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_title(f"{row}\nmean {a.mean():.2f}", fontsize=8)
         ax.set(xticks=range(len(l["lengths"])),
-               xticklabels=[f"{n // 1024}K" for n in l["lengths"]],
+               xticklabels=[kilo(n) for n in l["lengths"]],
                yticks=range(len(l["depths"])), yticklabels=[f"{d:.0%}" for d in l["depths"]])
     axes[0, 0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist())
