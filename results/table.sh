@@ -3,8 +3,8 @@
 # method, each trained here and evaluated with the same suite; then `python results/table.py OUT`.
 #
 #   bash results/table.sh OUT [ROW ...]           (a GPU; ROW default: all, in this order)
-#   SMOKE=1 bash results/table.sh OUT [ROW ...]   (CPU, 37 min on 2 busy cores: SmolLM2 told its window is 256,
-#                                                  extended to 1024; the same commands, toy sizes)
+#   SMOKE=1 bash results/table.sh OUT [ROW ...]   (CPU, 37 min on 2 busy cores: SmolLM2 told
+#                          its window is 256, extended to 1024; the same commands at toy sizes)
 #
 # Rows: original pi_x4 abf (untrained), cpt mix-cpt longred-u longred-c (same token budget),
 # linearard (its paper's budget), linearard+cpt (that, then the CPT budget), kd (SDLC phases, same
