@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import time
 
@@ -219,18 +220,17 @@ def profile_p3(train_args):
     with prof:
         train.main(train_args)
     ev = prof.key_averages()
-    ranges = {"teacher fwd", "student fwd", *labels.values()}
+    ranges = ["teacher fwd", "student fwd", *labels.values()]  # record_function labels
     gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA  # kernels, memcpy
            and e.key not in ranges and not e.key.startswith("ProfilerStep")]
     total = sum(e.self_device_time_total for e in gpu) or float("nan")
-    import re
     print(f"\nP3 profile of one optimizer step: GPU busy {total / 1e3:.0f} ms")
     attn, gemm = r"flash|fmha|cudnn|attention|sdpa", r"gemm|cutlass|nvjet|xmma"
     for name, pat in {"attention kernels": attn, "GEMM kernels": gemm}.items():
         t = sum(e.self_device_time_total for e in gpu if re.search(pat, e.key, re.I)
                 and (pat == attn or not re.search(attn, e.key, re.I)))
         print(f"  {name:34} {t / 1e3:9.1f} ms {t / total:6.1%}")
-    for name in ["teacher fwd", "student fwd", *labels.values()]:  # forward ranges only
+    for name in ranges:  # forward ranges only
         t = sum(e.device_time_total for e in ev if e.key == name and e.device_type ==
                 torch.autograd.DeviceType.CPU)
         print(f"  {name + ' (fwd range)':34} {t / 1e3:9.1f} ms {t / total:6.1%}")
