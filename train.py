@@ -181,6 +181,14 @@ class Call(nn.Module):
         return fn(self.model, *args)
 
 
+def touching_head(fn):
+    """fn(model) + 0 x sum(LM head): the hidden-state losses (short, s2l, rel) never reach the
+    head, and FSDP2 reduce-scatters only parameters that have a gradient, so a rank on a short
+    micro-step and one on a long micro-step would otherwise issue different collectives and hang;
+    DDP likewise then needs no search for unused parameters."""
+    return lambda m: fn(m) + 0.0 * m.lm_head.weight.sum()
+
+
 def shift(x):
     """Next-token targets for windows x (B,T): x[:, 1:] and -100 at the end. -> (B*T,)"""
     return torch.cat((x[:, 1:], torch.full_like(x[:, :1], -100)), 1).flatten()
@@ -314,9 +322,7 @@ def build(cfg, d, dtype, device, world):
         fully_shard(student, mp_policy=mp)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        kinds = schedule(PRESETS[cfg.method]["mix"], d["accum"] * world)[-world:]
-        student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=not all(k in FULL_KINDS for k in kinds))
+        student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     return student, teacher
 
 
@@ -335,7 +341,7 @@ def init_config(init):
     if init.startswith("random:"):
         if init[7:] not in SHAPES:
             raise ValueError(f"--init {init}: known shapes are random:{', random:'.join(SHAPES)}")
-        return LlamaConfig(**SHAPES[init[7:]])
+        return LlamaConfig(**SHAPES[init[7:]], hf={"torch_dtype": "bfloat16"})  # as the real ones
     return LlamaConfig.from_json(_need(init, "config.json"))
 
 
@@ -553,17 +559,21 @@ def main(argv=None):
             sync = nullcontext() if i == G - 1 or not hasattr(student, "no_sync") else \
                 student.no_sync()
             with sync, autocast:
-                loss = student(micro_loss(kind, cfg, d, x, pos, teacher, gen))
+                loss = student(touching_head(micro_loss(kind, cfg, d, x, pos, teacher, gen)))
                 (loss / G).backward()
             sums[:, names.index(kind)] += torch.stack((loss.detach().double(), sums.new_ones(())))
             fl += flops(kind, *x.shape, init_cfg.n_layers, d_attn, N)
         norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])  # the same on every rank
-        bad = torch.zeros(world, device=device, dtype=sums.dtype)  # slot r: rank r's loss is bad
-        bad[rank] = (~torch.isfinite(sums)).any()
+        slots = torch.zeros(3, world, device=device, dtype=sums.dtype)  # column r: rank r's
+        slots[0, rank] = (~torch.isfinite(sums)).any()  # bad loss, peak allocated and reserved GiB
+        if device.type == "cuda":
+            slots[1:, rank] = torch.tensor([torch.cuda.max_memory_allocated(),
+                                            torch.cuda.max_memory_reserved()]) / 2**30
         if dist.is_initialized():  # one collective: loss sums, counts and the slots
-            flat = torch.cat((sums.flatten(), bad))
+            flat = torch.cat((sums.flatten(), slots.flatten()))
             dist.all_reduce(flat)
-            sums, bad = flat[:-world].view_as(sums), flat[-world:]
+            sums, slots = flat[:sums.numel()].view_as(sums), flat[sums.numel():].view_as(slots)
+        bad = slots[0]
         skip = bool(bad.any()) or not torch.isfinite(torch.as_tensor(norm)).all()
         if skip and rank == 0:  # every rank skips: no update, no row, no optimizer state
             who = f"loss on rank(s) {bad.nonzero().flatten().tolist()}" if bad.any() else "gradient"
@@ -580,8 +590,8 @@ def main(argv=None):
                "mfu": fl / dt / peak, "sec": dt}
         row.update({f"loss_{k}": float(sums[0, i] / sums[1, i])
                     for i, k in enumerate(names) if sums[1, i] > 0})
-        if device.type == "cuda":
-            row["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda":  # the largest over ranks (ranks run different micro-steps)
+            row["mem_gb"], row["mem_reserved_gb"] = slots[1].max().item(), slots[2].max().item()
         if rank == 0 and not skip:
             log.write(json.dumps(row) + "\n")
             log.flush()
