@@ -2,7 +2,8 @@
 q/k/v bias, explicit positions, HF config.json + safetensors in and out.
 
 Shapes: B batch, T time, D model dim, H query heads, K kv heads, hd head dim, F ffn dim, V vocab.
-Parameter names are the HF checkpoint's minus the `model.` prefix, so loading needs no mapping table.
+Parameter names are the HF checkpoint's minus the `model.` prefix, so loading needs no mapping
+table.
 """
 import json
 import os
@@ -17,7 +18,8 @@ from rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 HF_KEYS = {  # our field -> HF config.json key
     "vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size",
+    "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+    "ffn_dim": "intermediate_size",
     "norm_eps": "rms_norm_eps", "max_pos": "max_position_embeddings",
     "tie_embeddings": "tie_word_embeddings"}
 
@@ -46,7 +48,8 @@ class LlamaConfig:
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "vocab_size") if k not in d]
         if missing:
-            raise ValueError(f"{source}: missing key(s) {missing}; is this an HF Llama-family config?")
+            raise ValueError(f"{source}: missing key(s) {missing}; "
+                             "is this an HF Llama-family config?")
         if d.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported")
         kw = {f: d[k] for f, k in HF_KEYS.items() if d.get(k) is not None}
@@ -57,7 +60,8 @@ class LlamaConfig:
         scaling = d.get("rope_scaling") or {k: v for k, v in rp.items() if k != "rope_theta"}
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             kw["rope_scaling"] = {"rope_type": scaling.get("rope_type", scaling.get("type")),
-                                  **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
+                                  **{k: v for k, v in scaling.items()
+                                     if k not in ("type", "rope_type")}}
         qwen = d.get("model_type") == "qwen2"
         kw["qkv_bias"] = bool(qwen or d.get("attention_bias"))
         kw["o_bias"] = bool(not qwen and d.get("attention_bias"))
@@ -94,7 +98,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (xf * rms).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -168,7 +173,8 @@ class Llama(nn.Module):
 
     def forward_hidden(self, tokens, positions=None, hidden_layers=(), qkv_layers=()):
         """tokens (B,T) -> (final-norm hidden (B,T,D), cap). cap["hidden"][l] is the residual stream
-        after block l; cap["q"/"k"/"v"][l] are layer l's post-RoPE q (B,H,T,hd), k and v (B,K,T,hd)."""
+        after block l; cap["q"/"k"/"v"][l] are layer l's post-RoPE q (B,H,T,hd), k and v
+        (B,K,T,hd)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
@@ -192,10 +198,41 @@ class Llama(nn.Module):
         """tokens (B,T) int64, positions None | (T,) | (B,T) -> logits (B,T,V)."""
         return self.lm_head(self.forward_hidden(tokens, positions)[0])
 
+    def init_random(self, std=0.02):
+        """N(0, std) matrices, unit norms: sane logits for speed and memory runs. -> self"""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=std)
+        return self
+
+    def forward_documents(self, x, eos):
+        """Final hidden state of each document of packed windows x (B,T), run alone from position 0
+        (SDLC's teacher sees short documents as it was trained). Documents are batched by
+        power-of-two length, so padding at most doubles the work. -> (B*T, D)"""
+        ends = (x == eos).clone()
+        ends[:, -1] = True
+        segs = []  # (row, start, end) of every document
+        for b, row_ends in enumerate(ends.tolist()):
+            start = 0
+            for t in (i for i, e in enumerate(row_ends) if e):
+                segs.append((b, start, t + 1))
+                start = t + 1
+        out = x.new_empty(*x.shape, self.cfg.dim, dtype=self.embed_tokens.weight.dtype)
+        for n in sorted({1 << (e - s - 1).bit_length() for _, s, e in segs}):
+            group = [g for g in segs if 1 << (g[2] - g[1] - 1).bit_length() == n]
+            batch = torch.full((len(group), n), eos, dtype=x.dtype, device=x.device)
+            for i, (b, s, e) in enumerate(group):
+                batch[i, :e - s] = x[b, s:e]
+            h = self.forward_hidden(batch)[0]
+            for i, (b, s, e) in enumerate(group):
+                out[b, s:e] = h[i, :e - s]
+        return out.flatten(0, 1)
+
     @classmethod
     def from_pretrained(cls, path, dtype=None, rope=None):
-        """Load an HF folder (config.json + model.safetensors or a sharded index). `rope` overrides the
-        config's RoPE with HF keys: {"rope_theta", "rope_scaling", "max_position_embeddings"}."""
+        """Load an HF folder (config.json + model.safetensors or a sharded index). `rope`
+        overrides the config's RoPE with HF keys: {"rope_theta", "rope_scaling",
+        "max_position_embeddings"}."""
         cfg = LlamaConfig.from_json(_need(path, "config.json"))
         if rope:
             cfg.rope_theta = float(rope.get("rope_theta", cfg.rope_theta))
@@ -212,6 +249,16 @@ class Llama(nn.Module):
 
     def save_pretrained(self, path):
         save_pretrained(self.cfg, self.state_dict(), path)
+
+
+SHAPES = {  # named shapes for random weights (train.py --init random:NAME): speed and memory runs
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                         head_dim=64, ffn_dim=1536, rope_theta=1e5, max_pos=8192,
+                         tie_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      head_dim=128, ffn_dim=14336, rope_theta=5e5, max_pos=8192),
+    "llama-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     head_dim=64, ffn_dim=8192, rope_theta=5e5, max_pos=8192, tie_embeddings=True)}
 
 
 def _need(path, name):
@@ -246,8 +293,9 @@ def load_safetensors(path, model):
                         continue  # e.g. rotary inv_freq buffers, a tied lm_head
                     t = f.get_tensor(key)
                     if t.shape != want[k].shape:
-                        raise ValueError(f"{fname}: {key} has shape {tuple(t.shape)} but config.json "
-                                         f"implies {tuple(want[k].shape)}; config and weights differ")
+                        raise ValueError(f"{fname}: {key} has shape {tuple(t.shape)} but "
+                                         f"config.json implies {tuple(want[k].shape)}; config "
+                                         "and weights differ")
                     sd[k] = t
         except (OSError, SafetensorError) as e:  # a truncated or corrupt file
             raise ValueError(f"{fname}: cannot read safetensors ({e}); the file is corrupt or "
@@ -260,7 +308,8 @@ def load_safetensors(path, model):
 
 
 def save_pretrained(cfg, state_dict, path, shard_bytes=4 << 30):
-    """Write an HF folder: config.json and safetensors (sharded above `shard_bytes`, with an index)."""
+    """Write an HF folder: config.json and safetensors (sharded above `shard_bytes`, with an
+    index)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     sd = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous().cpu()

@@ -2,8 +2,8 @@
 
 Layout is HF "rotate_half": a head vector x = [x1, x2] (halves) rotates pairwise (x1_j, x2_j) by the
 angle pos * inv_freq_j, inv_freq_j = theta^(-2j/d), j = 0..d/2-1. Wavelength_j = 2 pi / inv_freq_j.
-A scaling is an HF `rope_scaling` dict (None = default) and returns (inv_freq, attention_factor); the
-attention factor multiplies cos and sin, exactly as transformers does.
+A scaling is an HF `rope_scaling` dict (None = default) and returns (inv_freq, attention_factor);
+the attention factor multiplies cos and sin, exactly as transformers does.
 """
 import math
 
@@ -31,7 +31,8 @@ def yarn_inv_freq(inv_freq, head_dim, theta, factor, orig, beta_fast=32.0, beta_
 
 
 def llama3_inv_freq(inv_freq, factor, orig, low_freq_factor=1.0, high_freq_factor=4.0):
-    """Llama-3.1: wavelengths > orig/low_ff are divided by s, < orig/high_ff kept, smooth between."""
+    """Llama-3.1: wavelengths > orig/low_ff are divided by s, < orig/high_ff kept, smooth
+    between."""
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > orig / low_freq_factor, inv_freq / factor, inv_freq)
     smooth = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
@@ -68,10 +69,11 @@ def rope_inv_freq(head_dim, theta, scaling=None, max_pos=None):
 
 
 def extend(method, theta, head_dim, t_orig, t_target, abf_theta=None):
-    """The student's (rope_theta, rope_scaling) for extending t_orig -> t_target, s = t_target/t_orig.
-    pi: inv_freq / s. abf: theta' = abf_theta, or theta * 10 s (ours; = LongReD's Llama-3 8K->32K
-    5e5 -> 2e7). ntk (static, NTK-aware): theta' = theta * s^(d/(d-2)), which stretches the longest
-    wavelength by exactly s. yarn / llama3: transformers' formulas with factor s."""
+    """The student's (rope_theta, rope_scaling) for extending t_orig -> t_target,
+    s = t_target/t_orig. pi: inv_freq / s. abf: theta' = abf_theta, or theta * 10 s (ours;
+    = LongReD's Llama-3 8K->32K 5e5 -> 2e7). ntk (static, NTK-aware): theta' = theta *
+    s^(d/(d-2)), which stretches the longest wavelength by exactly s. yarn / llama3:
+    transformers' formulas with factor s."""
     s = t_target / t_orig
     if method == "none":
         return theta, None
@@ -91,14 +93,16 @@ def extend(method, theta, head_dim, t_orig, t_target, abf_theta=None):
 
 def rope_cos_sin(positions, inv_freq, attn_factor=1.0, dtype=torch.float32):
     """Angles pos * inv_freq as an fp32 elementwise outer product (never a TF32 matmul), cos/sin in
-    fp32, scaled by the attention factor, cast to `dtype` last. positions (T,) or (B,T) -> (..., T, hd)"""
+    fp32, scaled by the attention factor, cast to `dtype` last.
+    positions (T,) or (B,T) -> (..., T, hd)"""
     ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
     ang = torch.cat((ang, ang), dim=-1)
     return (ang.cos() * attn_factor).to(dtype), (ang.sin() * attn_factor).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (B,H,T,hd); cos/sin (T,hd) or (B,T,hd). x*cos + rotate_half(x)*sin, rotate_half = [-x2, x1]."""
+    """x (B,H,T,hd); cos/sin (T,hd) or (B,T,hd). x*cos + rotate_half(x)*sin,
+    rotate_half = [-x2, x1]."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
@@ -122,8 +126,10 @@ def cream_ratio(s, gen, sigma=5.0):
 def skipped_positions(t_orig, t_target, method, gen):
     """LongReD short-to-long position ids for a text of t_orig tokens (SPEC section 2).
     head = tail = t_orig // 3 (p = 1/2) or 4 s; ids: head 0..head-1, a mid run of c consecutive ids
-    ending at end_id, tail t_target-tail..t_target-1. Uniform: end_id ~ U[t_orig-tail, t_target-tail-1].
-    CREAM: r ~ truncated N, end_id ~ U[head + (c-1) r/2, r t_orig/2 - tail - 1]. -> int64 (t_orig,)"""
+    ending at end_id, tail t_target-tail..t_target-1.
+    Uniform: end_id ~ U[t_orig-tail, t_target-tail-1].
+    CREAM: r ~ truncated N, end_id ~ U[head + (c-1) r/2, r t_orig/2 - tail - 1].
+    -> int64 (t_orig,)"""
     if t_target <= t_orig:
         raise ValueError(f"t_target {t_target} must exceed t_orig {t_orig} for skipped positions")
     s = t_target / t_orig
@@ -142,21 +148,25 @@ def skipped_positions(t_orig, t_target, method, gen):
 
 
 def max_wavelength(theta, head_dim):
-    """Longest RoPE wavelength 2 pi theta^((d-2)/d): the span the slowest pair needs to turn once."""
+    """Longest RoPE wavelength 2 pi theta^((d-2)/d): the span the slowest pair needs to turn
+    once."""
     return 2 * math.pi * theta ** ((head_dim - 2) / head_dim)
 
 
 def phase_thetas(theta, head_dim, t_orig, lengths, c=None):
-    """SDLC phase-wise scaling: for each phase's context length L pick the smallest theta' >= theta with
-    max_wavelength(theta') >= c L. c defaults to the original model's ratio max_wavelength / t_orig,
-    so each phase uses the rotation spectrum as the original did. -> [(L, theta')]"""
+    """SDLC phase-wise scaling: for each phase's context length L pick the smallest theta' >= theta
+    with max_wavelength(theta') >= c L. c defaults to the original model's ratio
+    max_wavelength / t_orig, so each phase uses the rotation spectrum as the original did.
+    -> [(L, theta')]"""
     c = c or max_wavelength(theta, head_dim) / t_orig
-    return [(L, max(theta, (c * L / (2 * math.pi)) ** (head_dim / (head_dim - 2)))) for L in lengths]
+    return [(L, max(theta, (c * L / (2 * math.pi)) ** (head_dim / (head_dim - 2))))
+            for L in lengths]
 
 
 def wavelength_table(theta=1e5, head_dim=64, t_orig=8192, t_target=32768):
     """Readable table: per scaling, theta, factor, shortest/longest wavelength, attention factor."""
-    rows = [f"{'method':8} {'theta':>12} {'factor':>7} {'min wave':>9} {'max wave':>13} {'attn':>6}"]
+    rows = [f"{'method':8} {'theta':>12} {'factor':>7} {'min wave':>9} {'max wave':>13} "
+            f"{'attn':>6}"]
     for m in ("none", "pi", "abf", "ntk", "yarn", "llama3"):
         th, sc = extend(m, theta, head_dim, t_orig, t_target)
         inv, attn = rope_inv_freq(head_dim, th, sc, t_target)

@@ -1,13 +1,15 @@
-"""Extend a Llama's context window and restore what the scaling breaks, by distilling from the original.
+"""Extend a Llama's context window and restore what the scaling breaks, by distilling from the
+original.
 
-    torchrun --nproc_per_node=8 train.py --target 32768                 # LongReD-C, the default
-    python train.py --method linearard --target 32768 --init PATH      # any HF Llama-family folder
+    torchrun --nproc_per_node=8 train.py --target 32768             # LongReD-C, the default
+    python train.py --method linearard --target 32768 --init PATH  # any HF Llama-family folder
 
-One dial: --target. The scale factor s = target / orig, window lengths, the preset's losses and weights,
-the gradient accumulation (from a token batch) and the step count (from a token budget) derive from it;
-every derived value is printed at start. Teacher = the original model, frozen; student = same weights,
-scaled RoPE. Micro-step kinds: long (T_target windows, CE), short (1K texts: CE or LongReD hidden
-cosine), s2l (T_orig texts: CE or LongReD short-to-long cosine), rel (LinearARD relation KL), kd (SDLC).
+One dial: --target. The scale factor s = target / orig, window lengths, the preset's losses and
+weights, the gradient accumulation (from a token batch) and the step count (from a token budget)
+derive from it; every derived value is printed at start. Teacher = the original model, frozen;
+student = same weights, scaled RoPE. Micro-step kinds: long (T_target windows, CE), short (1K
+texts: CE or LongReD hidden cosine), s2l (T_orig texts: CE or LongReD short-to-long cosine), rel
+(LinearARD relation KL), kd (SDLC).
 """
 import argparse
 import copy
@@ -15,29 +17,27 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import time
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import ckpt
 import data
 import distill
-from model import Llama, LlamaConfig, _need, save_pretrained
+from model import SHAPES, Llama, LlamaConfig, _need
 from rope import extend, phase_thetas, skipped_positions
 
 
 @dataclass
 class Config:
-    method: str = "longred-c"   # cpt | mix-cpt | longred-u | longred-c | linearard | linearard+cpt | kd
+    method: str = "longred-c"   # cpt | mix-cpt | longred-u | longred-c | linearard(+cpt) | kd
     target: int = 32768         # the one dial: the context window to reach
-    init: str = "assets/smollm2-135m"  # HF folder of the original model, or random:SHAPE (speed runs)
+    init: str = "assets/smollm2-135m"  # HF folder of the original model, or random:SHAPE
     data: str = "assets/tokens"  # folder of token shards from `python data.py prepare`
     out: str = "runs/default"   # checkpoints, log.jsonl, loss.png, final/ (the exported student)
     orig: int = 0               # original window; 0 = the model's max_position_embeddings
@@ -94,7 +94,8 @@ def parse_args(argv=None):
     class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    comments = _field_comments()
+    src = open(__file__).read().split("class Config")[1].split("PRESETS")[0]
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", src, re.M))  # the field's comment
     for f in fields(Config):
         kw = dict(default=f.default, help=comments.get(f.name, ""))
         if f.type is bool:
@@ -105,11 +106,6 @@ def parse_args(argv=None):
     if cfg.method not in PRESETS:
         p.error(f"--method {cfg.method!r}: choose from {', '.join(PRESETS)}")
     return cfg
-
-
-def _field_comments():
-    src = open(__file__).read().split("class Config")[1].split("PRESETS")[0]
-    return dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", src, re.M))
 
 
 def derive(cfg, model_cfg, world):
@@ -222,7 +218,7 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
                                                every, norm=cfg.rel_norm)
     if kind == "kd":  # SDLC: packed window for the student, each document alone for the teacher
         with torch.no_grad():
-            ht, wt = teacher(lambda m: (per_document_hidden(m, x, d["eos"]), m.lm_head.weight))
+            ht, wt = teacher(lambda m: (m.forward_documents(x, d["eos"]), m.lm_head.weight))
         tgt = shift(x) if cfg.kd_ce else None
         def kd(m):
             hs, ws = head_inputs(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight)
@@ -230,30 +226,6 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
                                     temperature=cfg.kd_temperature, ce_weight=cfg.kd_ce)
         return kd
     raise ValueError(kind)
-
-
-def per_document_hidden(model, x, eos):
-    """Final hidden state of each document of packed windows x (B,T) run alone from position 0
-    (ours: the original model sees short documents as it was trained). Documents are batched by
-    power-of-two length, so padding at most doubles the work. -> (B*T, D)"""
-    ends = (x == eos).clone()
-    ends[:, -1] = True
-    segs = []  # (row, start, end) of every document
-    for b, row_ends in enumerate(ends.tolist()):
-        start = 0
-        for t in (i for i, e in enumerate(row_ends) if e):
-            segs.append((b, start, t + 1))
-            start = t + 1
-    out = x.new_empty(*x.shape, model.cfg.dim, dtype=model.embed_tokens.weight.dtype)
-    for n in sorted({1 << (e - s - 1).bit_length() for _, s, e in segs}):
-        group = [g for g in segs if 1 << (g[2] - g[1] - 1).bit_length() == n]
-        batch = torch.full((len(group), n), eos, dtype=x.dtype, device=x.device)
-        for i, (b, s, e) in enumerate(group):
-            batch[i, :e - s] = x[b, s:e]
-        h = model.forward_hidden(batch)[0]
-        for i, (b, s, e) in enumerate(group):
-            out[b, s:e] = h[i, :e - s]
-    return out.flatten(0, 1)
 
 
 def select_layers(cfg, d, student, teacher, tokens, device, rank):
@@ -275,7 +247,8 @@ def select_layers(cfg, d, student, teacher, tokens, device, rank):
 
 
 def setup_dist():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPU. -> rank, world, device"""
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; NCCL on GPUs, gloo on CPU. -> rank, world,
+    device"""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -292,10 +265,7 @@ def build(cfg, d, dtype, device, world):
     if cfg.init.startswith("random:"):  # random weights of a named shape, made on the device
         torch.manual_seed(cfg.seed)
         with torch.device(device):
-            student = Llama(init_config(cfg.init))
-        for p in student.parameters():  # N(0, 0.02) matrices, unit norms: sane logits
-            if p.dim() > 1:
-                nn.init.normal_(p, std=0.02)
+            student = Llama(init_config(cfg.init)).init_random()
         teacher = copy.deepcopy(student).to(dtype)
     else:
         student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
@@ -326,16 +296,6 @@ def build(cfg, d, dtype, device, world):
     return student, teacher
 
 
-SHAPES = {  # --init random:NAME, for speed and memory measurements
-    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                         head_dim=64, ffn_dim=1536, rope_theta=1e5, max_pos=8192,
-                         tie_embeddings=True),
-    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                      head_dim=128, ffn_dim=14336, rope_theta=5e5, max_pos=8192),
-    "llama-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                     head_dim=64, ffn_dim=8192, rope_theta=5e5, max_pos=8192, tie_embeddings=True)}
-
-
 def init_config(init):
     """The model config of --init: an HF folder's config.json or random:NAME of SHAPES."""
     if init.startswith("random:"):
@@ -343,31 +303,6 @@ def init_config(init):
             raise ValueError(f"--init {init}: known shapes are random:{', random:'.join(SHAPES)}")
         return LlamaConfig(**SHAPES[init[7:]], hf={"torch_dtype": "bfloat16"})  # as the real ones
     return LlamaConfig.from_json(_need(init, "config.json"))
-
-
-def load_tokens(cfg, init_cfg):
-    """All shards of cfg.data (not its heldout/), checked against the model's tokenizer and vocab."""
-    if not os.path.isdir(cfg.data):
-        raise FileNotFoundError(f"--data {cfg.data}: no such folder; run `python data.py setup` or "
-                                "`python data.py prepare --out DIR your_texts`")
-    shards = sorted(os.path.join(cfg.data, f) for f in os.listdir(cfg.data) if f.endswith(".bin"))
-    if not shards:
-        raise FileNotFoundError(f"--data {cfg.data}: no .bin token shards in it")
-    try:
-        enc = data.load_tokenizer(cfg.init)
-        tok_hash, eos = data.tokenizer_hash(enc), enc.eos_id
-    except FileNotFoundError:  # a folder without a tokenizer, or random weights
-        tok_hash, eos = None, 0
-    tokens = np.concatenate([data.read_shard(p, tok_hash, init_cfg.vocab_size) for p in shards])
-    return tokens, tok_hash, eos
-
-
-def any_rank(flag, device):
-    """True on every rank if `flag` is True on any (so all ranks stop at the same step)."""
-    t = torch.tensor(float(flag), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
 
 
 def lr_at(step, d, cfg):
@@ -378,11 +313,15 @@ def lr_at(step, d, cfg):
     return cfg.lr * (d["final_lr"] + (1 - d["final_lr"]) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def flops(kind, B, T, n_layers, d_attn, N):
-    """Model FLOPs of a micro-step: student 6N + 6 L T d_attn per token (causal-halved), teacher
-    2N + 2 L T d_attn; N counts every matmul weight (the LM head too, not the embedding lookup)."""
-    student = 6 * N + 6 * n_layers * T * d_attn
-    teacher = 0 if kind == "long" else 2 * N + 2 * n_layers * T * d_attn
+def flops(kind, B, T, c):
+    """Model FLOPs of a micro-step (config c): per token the student does 6N + 6 L T d_attn
+    (attention causal-halved), the teacher 2N + 2 L T d_attn; N counts the matmul weights: per
+    layer q, o (D d_attn each), k, v (D K hd each), gate, up, down (D F each), and the head V D."""
+    d_attn = c.n_heads * c.head_dim
+    N = c.n_layers * (2 * c.dim * d_attn + 2 * c.dim * c.n_kv_heads * c.head_dim
+                      + 3 * c.dim * c.ffn_dim) + c.vocab_size * c.dim
+    student = 6 * N + 6 * c.n_layers * T * d_attn
+    teacher = 0 if kind == "long" else 2 * N + 2 * c.n_layers * T * d_attn
     return B * T * (student + teacher)
 
 
@@ -399,95 +338,79 @@ def batch_for(kind, tokens, starts, cfg, d, step_len, j, device):
     return torch.as_tensor(x, device=device), torch.as_tensor(pos, device=device)
 
 
-META = ("method", "target", "orig", "rope", "abf_theta", "batch_tokens", "micro_tokens", "seed",
-        "train_params", "fsdp")
+def optimizer(student, cfg):
+    """AdamW on the trainable parameters; no weight decay on norms (1-D). -> (opt, params)"""
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.wd), params
 
 
-def checkpoint_meta(cfg, d, world, tok_hash, tokens, init_cfg):
-    """What a --resume must match: the config, world size, tokenizer, data (crc32: 4 GB in 1 s)."""
-    m = {k: getattr(cfg, k) for k in META}
-    m.update(world=world, tokenizer=tok_hash, data=f"{len(tokens)} tokens, crc32 "
-             f"{zlib.crc32(tokens):08x}", model=json.dumps(init_cfg.to_hf(), sort_keys=True),
-             rope_derived=json.dumps([d.get("theta"), d.get("scaling"), d.get("phases")]))
-    return m
-
-
-def full_state(student, opt):
-    """(model, optimizer) state dicts, gathered whole (FSDP2) onto the CPU under torchrun."""
-    if not dist.is_initialized():
-        return student.state_dict(), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(student, opt,
-                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(path, state, step, meta, rank):
-    """Rank 0 writes path.tmp and renames it: a crash never leaves half a checkpoint."""
-    if rank == 0:
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save({"model": state[0], "optim": state[1], "step": step, "meta": meta},
-                   f"{tmp}/state.pt")
-        if os.path.isdir(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+def all_reduce_step(sums, rank, world, stop):
+    """One collective per step: loss sums and counts (2, kinds), and per-rank slots (4, world):
+    column r holds rank r's bad-loss flag, peak GiB allocated and reserved, and its stop flag
+    (SIGTERM), so that every rank skips or stops at the same step. -> (sums, slots)"""
+    slots = torch.zeros(4, world, device=sums.device, dtype=sums.dtype)
+    slots[0, rank], slots[3, rank] = (~torch.isfinite(sums)).any(), float(stop)
+    if sums.device.type == "cuda":
+        slots[1:3, rank] = torch.tensor([torch.cuda.max_memory_allocated(),
+                                         torch.cuda.max_memory_reserved()]) / 2**30
     if dist.is_initialized():
-        dist.barrier()
+        flat = torch.cat((sums.flatten(), slots.flatten()))
+        dist.all_reduce(flat)
+        sums, slots = flat[:sums.numel()].view_as(sums), flat[sums.numel():].view_as(slots)
+    return sums, slots
 
 
-def load_checkpoint(path, student, opt, meta):
-    """-> the step to continue from; refuses a checkpoint whose config differs, naming the field."""
-    for p in (path, path + ".old"):  # .old: a crash between the two renames of save_checkpoint
-        if os.path.isfile(f"{p}/state.pt"):
-            break
-    else:
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}/state.pt")
-    ck = torch.load(f"{p}/state.pt", map_location="cpu", weights_only=False, mmap=True)
-    for k, v in meta.items():
-        if ck["meta"].get(k) != v:
-            raise ValueError(f"--resume: checkpoint {p} was made with {k}={ck['meta'].get(k)!r}, "
-                             f"this run has {k}={v!r}; use the same setting or another --out")
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(student, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        student.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-    return ck["step"]
-
-
-def export(path, msd, model_cfg, init_cfg, rank, init=""):
-    """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype,
-    with the init folder's tokenizer files beside it."""
-    if rank == 0:
-        dtype = getattr(torch, str(init_cfg.hf.get("torch_dtype", "float32")), torch.float32)
-        save_pretrained(model_cfg, {k.removeprefix("model."): v.to(dtype) for k, v in msd.items()},
-                        path)
-        for f in os.listdir(init) if os.path.isdir(init) else []:
-            if f.startswith(("tokenizer", "tiktoken", "special_tokens")):
-                shutil.copy2(os.path.join(init, f), path)
-
-
-def plot(log_path, png):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(log_path)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in sorted({k for r in rows for k in r if k.startswith("loss_")}):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts), label=k[5:])
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title=os.path.dirname(log_path))
-    ax.legend()
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)  # in-process runs (tests) would keep every figure open
+def train_step(step, r):
+    """One optimizer step: G micro-steps per rank, clip, one all-reduce, AdamW (skipped on every
+    rank if any loss or the gradient norm is non-finite). `r`: the run's namespace from main.
+    -> (the log row or None for a skipped step, whether any rank was told to stop)"""
+    cfg, d, core, G, pre = r.cfg, r.d, r.core, r.d["accum"], PRESETS[r.cfg.method]
+    t0 = time.perf_counter()
+    mix = pre["then"] if "then" in pre and step >= d["rel_steps"] else pre["mix"]
+    kinds, step_len = schedule(mix, G * r.world), cfg.target
+    if d["rope"] == "phase":  # SDLC: the phase's window and theta
+        k = min(step * len(d["phases"]) // d["steps"], len(d["phases"]) - 1)
+        step_len, theta = d["phases"][k]
+        core.set_rope(theta, None, max_pos=cfg.target)
+    for g in r.opt.param_groups:
+        g["lr"] = lr_at(step, d, cfg)
+    names, fl = sorted(set(kinds)), 0.0
+    sums = torch.zeros(2, len(names), device=r.device, dtype=torch.float64)  # loss sum, count
+    for i in range(G):
+        j = (step * G + i) * r.world + r.rank  # global micro index: data and ids as 1 process
+        kind = kinds[i * r.world + r.rank]
+        x, pos = batch_for(kind, r.tokens, r.starts, cfg, d, step_len, j, r.device)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + j)
+        sync = r.student.no_sync() if i < G - 1 and hasattr(r.student, "no_sync") else \
+            nullcontext()
+        with sync, r.autocast:
+            loss = r.student(touching_head(micro_loss(kind, cfg, d, x, pos, r.teacher, gen)))
+            (loss / G).backward()
+        sums[:, names.index(kind)] += torch.stack((loss.detach().double(), sums.new_ones(())))
+        fl += flops(kind, *x.shape, core.cfg)
+    norm = torch.nn.utils.clip_grad_norm_(r.params, d["clip"])  # the same on every rank
+    sums, slots = all_reduce_step(sums, r.rank, r.world, r.stop)
+    skip = bool(slots[0].any()) or not torch.isfinite(torch.as_tensor(norm)).all()
+    if skip and r.rank == 0:
+        who = f"loss on rank(s) {slots[0].nonzero().flatten().tolist()}" if slots[0].any() \
+            else "gradient"
+        print(f"step {step + 1}: non-finite {who}; step skipped on all ranks")
+    if not skip:
+        r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    if r.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt, B = time.perf_counter() - t0, d["batch_tokens"]
+    row = {"step": step + 1, "lr": r.opt.param_groups[0]["lr"], "grad_norm": float(norm),
+           "tokens": (step + 1) * B, "tok_s": B / dt, "tok_s_gpu": B / dt / r.world,
+           "mfu": fl / dt / (989.4e12 if r.device.type == "cuda" else float("nan")), "sec": dt}
+    row.update({f"loss_{k}": float(sums[0, i] / sums[1, i])
+                for i, k in enumerate(names) if sums[1, i] > 0})
+    if r.device.type == "cuda":  # the largest over ranks (ranks run different micro-steps)
+        row["mem_gb"], row["mem_reserved_gb"] = slots[1].max().item(), slots[2].max().item()
+    return None if skip else row, bool(slots[3].any())
 
 
 def main(argv=None):
@@ -498,118 +421,56 @@ def main(argv=None):
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     init_cfg = init_config(cfg.init)
     d = derive(cfg, init_cfg, world)
-    tokens, tok_hash, eos = load_tokens(cfg, init_cfg)
+    tokens, tok_hash, eos = data.load_tokens(cfg.data, cfg.init, init_cfg.vocab_size)
     d.update(n_layers=init_cfg.n_layers, eos=eos)
     student, teacher = build(cfg, d, dtype, device, world)
-    core = (student.module if hasattr(student, "module") else student).model
-    # the optimizer first: FSDP2 leaves root parameters unsharded after a no-grad forward
-    params = [p for p in student.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in params if p.dim() < 2],
-                                                   "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.wd)
-    if cfg.method.startswith("longred"):
+    opt, params = optimizer(student, cfg)  # first: FSDP2 leaves root parameters unsharded
+    if cfg.method.startswith("longred"):  # after a no-grad forward (reshard below)
         d["layers"] = select_layers(cfg, d, student, teacher, tokens, device, rank)
         if cfg.fsdp:
             student.reshard()
-    starts = data.doc_starts(tokens, eos)
     if rank == 0:
         print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
         for k, v in d.items():
             print(f"  {k:15} {v}")
     os.makedirs(cfg.out, exist_ok=True)
-    meta = checkpoint_meta(cfg, d, world, tok_hash, tokens, init_cfg)
-    start = load_checkpoint(f"{cfg.out}/ckpt", student, opt, meta) if cfg.resume else 0
-    pre, G = PRESETS[cfg.method], d["accum"]
-    N = sum(p.numel() for n, p in core.named_parameters() if "embed_tokens" not in n) + \
-        (core.lm_head.weight.numel() if init_cfg.tie_embeddings else 0)
-    d_attn = init_cfg.n_heads * init_cfg.head_dim
-    peak = 989.4e12 if device.type == "cuda" else float("nan")
+    meta = ckpt.meta_of(cfg, d, world, tok_hash, tokens, init_cfg)
+    start = ckpt.load(f"{cfg.out}/ckpt", student, opt, meta) if cfg.resume else 0
     log_path = f"{cfg.out}/log.jsonl"
-    if cfg.resume and rank == 0 and os.path.exists(log_path):  # rows past the checkpoint: a killed
-        rows = [r for r in open(log_path) if r.endswith("\n")]  # run's, redone now; drop them
-        open(log_path, "w").writelines(r for r in rows if json.loads(r)["step"] <= start)
-    log = open(log_path, "a" if cfg.resume else "w")
+    if cfg.resume and rank == 0:
+        ckpt.trim_log(log_path, start)
+    log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
+    r = argparse.Namespace(cfg=cfg, d=d, rank=rank, world=world, device=device, student=student,
+                           teacher=teacher, opt=opt, params=params, tokens=tokens,
+                           starts=data.doc_starts(tokens, eos),
+                           core=(student.module if hasattr(student, "module") else student).model,
+                           autocast=torch.autocast(device.type, dtype)
+                           if dtype != torch.float32 else nullcontext())
     from tqdm import tqdm
     bar = tqdm(range(start, d["steps"]), initial=start, total=d["steps"], disable=rank != 0,
                dynamic_ncols=True)
-    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
-    done, stop = start, []  # SIGTERM (a scheduler's pre-emption): save after this step, exit 0
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    done, r.stop = start, False  # SIGTERM (a scheduler's pre-emption): save after this step
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(r, "stop", True))
     for step in bar:
-        if any_rank(bool(stop), device):
-            break
-        t0, done = time.perf_counter(), step + 1
-        mix = pre["then"] if "then" in pre and step >= d["rel_steps"] else pre["mix"]
-        kinds = schedule(mix, G * world)
-        step_len = cfg.target
-        if d["rope"] == "phase":  # SDLC: the phase's window and theta
-            k = min(step * len(d["phases"]) // d["steps"], len(d["phases"]) - 1)
-            step_len, theta = d["phases"][k]
-            core.set_rope(theta, None, max_pos=cfg.target)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, d, cfg)
-        names, fl = sorted(set(kinds)), 0.0
-        sums = torch.zeros(2, len(names), device=device, dtype=torch.float64)  # loss sum, count
-        for i in range(G):
-            j = (step * G + i) * world + rank  # global micro index: data and ids as 1 process
-            kind = kinds[i * world + rank]
-            x, pos = batch_for(kind, tokens, starts, cfg, d, step_len, j, device)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + j)
-            sync = nullcontext() if i == G - 1 or not hasattr(student, "no_sync") else \
-                student.no_sync()
-            with sync, autocast:
-                loss = student(touching_head(micro_loss(kind, cfg, d, x, pos, teacher, gen)))
-                (loss / G).backward()
-            sums[:, names.index(kind)] += torch.stack((loss.detach().double(), sums.new_ones(())))
-            fl += flops(kind, *x.shape, init_cfg.n_layers, d_attn, N)
-        norm = torch.nn.utils.clip_grad_norm_(params, d["clip"])  # the same on every rank
-        slots = torch.zeros(3, world, device=device, dtype=sums.dtype)  # column r: rank r's
-        slots[0, rank] = (~torch.isfinite(sums)).any()  # bad loss, peak allocated and reserved GiB
-        if device.type == "cuda":
-            slots[1:, rank] = torch.tensor([torch.cuda.max_memory_allocated(),
-                                            torch.cuda.max_memory_reserved()]) / 2**30
-        if dist.is_initialized():  # one collective: loss sums, counts and the slots
-            flat = torch.cat((sums.flatten(), slots.flatten()))
-            dist.all_reduce(flat)
-            sums, slots = flat[:sums.numel()].view_as(sums), flat[sums.numel():].view_as(slots)
-        bad = slots[0]
-        skip = bool(bad.any()) or not torch.isfinite(torch.as_tensor(norm)).all()
-        if skip and rank == 0:  # every rank skips: no update, no row, no optimizer state
-            who = f"loss on rank(s) {bad.nonzero().flatten().tolist()}" if bad.any() else "gradient"
-            print(f"step {step + 1}: non-finite {who}; step skipped on all ranks")
-        if not skip:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "grad_norm": float(norm),
-               "tokens": (step + 1) * d["batch_tokens"], "tok_s": d["batch_tokens"] / dt,
-               "tok_s_gpu": d["batch_tokens"] / dt / world,
-               "mfu": fl / dt / peak, "sec": dt}
-        row.update({f"loss_{k}": float(sums[0, i] / sums[1, i])
-                    for i, k in enumerate(names) if sums[1, i] > 0})
-        if device.type == "cuda":  # the largest over ranks (ranks run different micro-steps)
-            row["mem_gb"], row["mem_reserved_gb"] = slots[1].max().item(), slots[2].max().item()
-        if rank == 0 and not skip:
+        (row, stop), done = train_step(step, r), step + 1
+        if row and log:
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss_")} |
                             {"tok/s": f"{row['tok_s']:.0f}", "mfu": f"{row['mfu']:.1%}"})
-        if done == cfg.stop_at:
+        if stop or done == cfg.stop_at:
             break
         if cfg.save_every and done % cfg.save_every == 0 and done < d["steps"]:
-            save_checkpoint(f"{cfg.out}/ckpt", full_state(student, opt), done, meta, rank)
+            ckpt.save(f"{cfg.out}/ckpt", ckpt.gather(student, opt), done, meta, rank)
     signal.signal(signal.SIGTERM, previous)
     if not cfg.no_save:  # one gather serves the checkpoint and the export
-        state = full_state(student, opt)
-        save_checkpoint(f"{cfg.out}/ckpt", state, done, meta, rank)
+        state = ckpt.gather(student, opt)
+        ckpt.save(f"{cfg.out}/ckpt", state, done, meta, rank)
         if done == d["steps"]:
-            export(f"{cfg.out}/final", state[0], core.cfg, init_cfg, rank, cfg.init)
+            ckpt.export(f"{cfg.out}/final", state[0], r.core.cfg, init_cfg, rank, cfg.init)
     if rank == 0:
         log.close()
-        plot(log_path, f"{cfg.out}/loss.png")
+        ckpt.plot(log_path, f"{cfg.out}/loss.png")
         print("done (--no-save)" if cfg.no_save else f"exported {cfg.out}/final"
               if done == d["steps"] else f"stopped at step {done}; continue with --resume")
     if dist.is_initialized():

@@ -138,7 +138,7 @@ def test_per_document_hidden_equals_each_document_alone(tiny):
     m = Llama.from_pretrained(tiny / "model").eval()
     x = torch.tensor([[5, 6, 0, 7, 8, 9, 10, 0, 3, 4, 5], [1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 0]])
     with torch.no_grad():
-        h = train.per_document_hidden(m, x, 0).view(2, 11, -1)
+        h = m.forward_documents(x, 0).view(2, 11, -1)
         for b, s, e in [(0, 0, 3), (0, 3, 8), (0, 8, 11), (1, 0, 6), (1, 6, 11)]:
             alone = m.forward_hidden(x[b:b + 1, s:e])[0][0]
             torch.testing.assert_close(h[b, s:e], alone, rtol=1e-5, atol=1e-5)
