@@ -3,11 +3,8 @@
 P1: relation KL (Q/Q self, causal, exact) fwd+bwd vs SDPA fwd+bwd (cuDNN, flash, efficient) and a
 dense fp32 reference. P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
 P4: the model's own attention call (GQA without repeat, q/k/v as views) vs the best backend.
-P3: `python bench.py --only p3 -- TRAIN_ARGS` profiles train.py's second optimizer step and splits
-its GPU time into attention, GEMMs, teacher forward and each loss.
-Timing: CUDA events, 2 warm-up calls (torch.compile included), median of --reps fresh random
-inputs; peak extra memory = max_memory_allocated after reset_peak_memory_stats minus
-memory_allocated just before the call. `python bench.py --quick` is a CPU smoke test.
+P3 (`--only p3 -- TRAIN_ARGS`): train.py's 2nd optimizer step, its GPU time split into attention,
+GEMMs, teacher forward and each loss. `python bench.py --quick` is a CPU smoke test.
 """
 import argparse
 import json
@@ -23,14 +20,16 @@ import torch.nn.functional as F
 import distill
 
 LINEARARD_32K_MS = 16386.0  # LinearARD's published Triton kernel, n = 32768 (BENCH.md anchor)
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 
 
 def measure(fn, make, reps, dev):
-    """(median ms, peak extra GiB) of fn(*make()) over reps fresh inputs after 2 warm-up calls;
-    the strings "oom" or "n/a" when the call cannot run (backend missing, out of memory)."""
+    """(median ms, peak extra GiB) of fn(*make()): CUDA events, reps fresh inputs after 2 warm-up
+    calls (torch.compile included), peak = max_memory_allocated after reset_peak_memory_stats minus
+    memory_allocated just before the call ("n/a" on CPU); "oom"/"n/a" when it cannot run."""
     cuda, times, peaks = dev.type == "cuda", [], []
     try:
-        for i in range(reps + 2):
+        for _ in range(reps + 2):  # 2 warm-up calls first
             args = make()
             if cuda:
                 torch.cuda.synchronize()
@@ -38,27 +37,38 @@ def measure(fn, make, reps, dev):
                 before = torch.cuda.memory_allocated()
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
-                fn(*args)
+            t0 = time.perf_counter()
+            fn(*args)
+            if cuda:
                 end.record()
                 torch.cuda.synchronize()
-                ms, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() - before
-            else:
-                t0 = time.perf_counter()
-                fn(*args)
-                ms, peak = 1e3 * (time.perf_counter() - t0), 0
+                peaks.append((torch.cuda.max_memory_allocated() - before) / 2**30)
+            times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
             del args
-            if i >= 2:
-                times.append(ms)
-                peaks.append(peak / 2**30)
     except torch.OutOfMemoryError:
         return "oom", "oom"
     except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend on this device
         print(f"  n/a: {str(e).splitlines()[0][:120]}")
         return "n/a", "n/a"
     finally:
-        if cuda:
-            torch.cuda.empty_cache()
-    return statistics.median(times), max(peaks) if cuda else "n/a"
+        torch.cuda.empty_cache()  # a no-op without CUDA
+    return statistics.median(times[2:]), max(peaks[2:]) if cuda else "n/a"
+
+
+def ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else "n/a"
+
+
+def sdpa_rows(timed, goal, shape, dev, dt, tag=""):
+    """Causal SDPA fwd+bwd on fresh (B,H,T,hd) q, k, v, grad_out, one row per backend."""
+    def run(q, k, v, do, backend):
+        with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+
+    def make():  # q, k, v (with grad), grad_out
+        return [torch.randn(*shape, device=dev, dtype=dt, requires_grad=i < 3) for i in range(4)]
+    return {b: timed(goal, f"SDPA {b.split('_')[0].lower()} fwd+bwd{tag}", shape[2],
+                     lambda *x, b=b: run(*x, b), make) for b in BACKENDS}
 
 
 def dense_relation_kl(xt, xs):
@@ -69,25 +79,6 @@ def dense_relation_kl(xt, xs):
     lt, ls = ((x.float() @ x.float().mT).mul_(s).masked_fill_(~causal, -math.inf).log_softmax(-1)
               for x in (xt, xs))
     return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum()
-
-
-BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-
-
-def sdpa_backend(name):
-    """fwd+bwd of causal SDPA forced onto one backend: fn(q, k, v, grad_out)."""
-    def fn(q, k, v, do):
-        with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, name)):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-    return fn
-
-
-def ratio(a, b):
-    return a / b if isinstance(a, float) and isinstance(b, float) else "n/a"
-
-
-def fmt(v):
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def exactness(xt, xs, kw):
@@ -104,37 +95,28 @@ def exactness(xt, xs, kw):
                                                         / g_ref.norm()).item()
 
 
-def bench_p1(a, dev, rows, out):
-    heads, d, dt = (2, 32, torch.float32) if a.quick else (32, 128, torch.bfloat16)
+def bench_p1(a, dev, dt, timed, out):
+    heads, d = (2, 32) if a.quick else (32, 128)
     ns = (128, 256, 512) if a.quick else (4096, 8192, 16384, 32768)
-
-    def rnd(n, grad=False):  # (1, heads, n, d), fresh for every call
-        return torch.randn(1, heads, n, d, device=dev, dtype=dt, requires_grad=grad)
-
     kw = {} if a.block is None else {"block": a.block}  # None: relation_kl's default tiles
     out["p1_lse_source"] = distill.lse_kernel(dev, dt, d) or "tiles"  # relation_kl's row lse
 
-    def ours_fn(xt, xs):
-        distill.relation_kl(xt, xs, **kw).backward()
+    def pair(n):  # fresh teacher and student (1, heads, n, d); the student requires grad
+        return [torch.randn(1, heads, n, d, device=dev, dtype=dt, requires_grad=g)
+                for g in (False, True)]
     ours = {}
     for n in ns:
-        ours[n] = measure(ours_fn, lambda: (rnd(n), rnd(n, True)), a.reps, dev)
-        rows.append(("P1", "relation_kl Q/Q fwd+bwd (ours)", n, *ours[n]))
-        for name in BACKENDS:
-            r = measure(sdpa_backend(name), lambda: (*(rnd(n, True) for _ in range(3)), rnd(n)),
-                        a.reps, dev)
-            rows.append(("P1", f"SDPA {name.split('_')[0].lower()} fwd+bwd", n, *r))
-            if name == "CUDNN_ATTENTION":
-                out[f"p1_ours_over_cudnn_{n}"] = ratio(ours[n][0], r[0])
+        ours[n] = timed("P1", "relation_kl Q/Q fwd+bwd (ours)", n, lambda xt, xs:
+                        distill.relation_kl(xt, xs, **kw).backward(), lambda: pair(n))
+        sdpa = sdpa_rows(timed, "P1", (1, heads, n, d), dev, dt)
+        out[f"p1_ours_over_cudnn_{n}"] = ratio(ours[n][0], sdpa["CUDNN_ATTENTION"][0])
         if n <= ns[1]:  # dense fp32 reference: 14 GiB at 4096, 56 GiB at 8192
-            r = measure(lambda xt, xs: dense_relation_kl(xt, xs).backward(),
-                        lambda: (rnd(n), rnd(n, True)), a.reps, dev)
-            rows.append(("P1", "relation KL dense fp32 fwd+bwd", n, *r))
+            timed("P1", "relation KL dense fp32 fwd+bwd", n,
+                  lambda xt, xs: dense_relation_kl(xt, xs).backward(), lambda: pair(n))
     out["p1_peak_ratio_last_two_n"] = ratio(ours[ns[-1]][1], ours[ns[-2]][1])
     if ns[-1] == 32768:
         out["p1_linearard_over_ours_32k"] = ratio(LINEARARD_32K_MS, ours[32768][0])
-    err = exactness(rnd(ns[0]), rnd(ns[0], True), kw)
-    out[f"p1_rel_err_loss_{ns[0]}"], out[f"p1_rel_err_grad_{ns[0]}"] = err
+    out[f"p1_rel_err_loss_{ns[0]}"], out[f"p1_rel_err_grad_{ns[0]}"] = exactness(*pair(ns[0]), kw)
 
 
 def gemm_only(hs, ht, ws, wt, chunk):
@@ -153,90 +135,86 @@ def naive_kd(hs, ht, ws, wt):
     (lt.exp() * (lt - ls)).sum(-1).mean().backward()
 
 
-def bench_p2(a, dev, rows, out):
+def bench_p2(a, dev, dt, timed, out):
     T, V, H, tn = (512, 1000, 64, 128) if a.quick else (32768, 128256, 4096, 4096)
-    dt = torch.float32 if a.quick else torch.bfloat16
 
     def make(t, grad):  # hs, ht (t, H), ws, wt (V, H); the student side may require grad
         r = [(0.02 * torch.randn(*s, device=dev)).to(dt) for s in ((t, H), (t, H), (V, H), (V, H))]
         return r[0].requires_grad_(grad), r[1], r[2].requires_grad_(grad), r[3]
-
-    def ours_fn(hs, ht, ws, wt):
-        distill.logit_kd(hs, ht, ws, wt, chunk=a.chunk).backward()
-    ours = measure(ours_fn, lambda: make(T, True), a.reps, dev)
-    gemm = measure(lambda *x: gemm_only(*x, a.chunk), lambda: make(T, False), a.reps, dev)
-    naive = measure(naive_kd, lambda: make(tn, True), a.reps, dev)
-    rows += [("P2", "logit_kd fwd+bwd (ours)", T, *ours), ("P2", "GEMM-only chunk loop", T, *gemm),
-             ("P2", "naive full-vocab KL fwd+bwd", tn, *naive)]
-    out["p2_ours_over_gemm"] = ratio(ours[0], gemm[0])
-    out["p2_ours_peak_gib"] = ours[1]
+    ours = timed("P2", "logit_kd fwd+bwd (ours)", T,
+                 lambda *x: distill.logit_kd(*x, chunk=a.chunk).backward(), lambda: make(T, True))
+    gemm = timed("P2", "GEMM-only chunk loop", T, lambda *x: gemm_only(*x, a.chunk),
+                 lambda: make(T, False))
+    naive = timed("P2", "naive full-vocab KL fwd+bwd", tn, naive_kd, lambda: make(tn, True))
+    out["p2_ours_over_gemm"], out["p2_ours_peak_gib"] = ratio(ours[0], gemm[0]), ours[1]
     out[f"p2_naive_extrapolated_{T}_ms"] = ratio(naive[0], tn / T)  # both linear in T
     out[f"p2_naive_extrapolated_{T}_gib"] = ratio(naive[1], tn / T)
 
 
-def bench_p4(a, dev, rows, out):
+def bench_p4(a, dev, dt, timed, out):
     """The SDPA call of model.Attention on a Llama-1B layer at 32K (32 q / 8 kv heads, d 64), as
     the model makes it, vs each backend on contiguous, repeated k/v (the usual standalone call)."""
     B, T, H, K, hd = (1, 256, 4, 2, 16) if a.quick else (1, 32768, 32, 8, 64)
-    dt = torch.float32 if a.quick else torch.bfloat16
 
     def model_like():  # (B,T,H*hd) projections viewed as (B,H,T,hd), as model.Attention does
         x = [torch.randn(B, T, n * hd, device=dev, dtype=dt, requires_grad=True) for n in (H, K, K)]
-        return [t.view(B, T, -1, hd).transpose(1, 2) for t in x] + [torch.randn(B, H, T, hd,
-                                                                             device=dev, dtype=dt)]
+        do = torch.randn(B, H, T, hd, device=dev, dtype=dt)
+        return [t.view(B, T, -1, hd).transpose(1, 2) for t in x] + [do]
 
     def ours(q, k, v, do):
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
-    r = measure(ours, model_like, a.reps, dev)
-    rows.append(("P4", "model attention (GQA views) fwd+bwd", T, *r))
-    best = []
-    for name in BACKENDS:
-        b = measure(sdpa_backend(name), lambda: [torch.randn(B, H, T, hd, device=dev, dtype=dt,
-                                               requires_grad=i < 3) for i in range(4)], a.reps, dev)
-        rows.append(("P4", f"SDPA {name.split('_')[0].lower()} fwd+bwd (H = {H} k/v)", T, *b))
-        best += [b[0]] if isinstance(b[0], float) else []
-    out["p4_best_over_model"] = ratio(min(best), r[0]) if best else "n/a"
+    r = timed("P4", "model attention (GQA views) fwd+bwd", T, ours, model_like)
+    sdpa = sdpa_rows(timed, "P4", (B, H, T, hd), dev, dt, f" (H = {H} k/v)")
+    best = min((b[0] for b in sdpa.values() if isinstance(b[0], float)), default="n/a")
+    out["p4_best_over_model"] = ratio(best, r[0])
 
 
 def profile_p3(train_args):
     """Profile the 2nd optimizer step of `train.py TRAIN_ARGS`; GPU time by category."""
     import train
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
-    labels = {"hidden_cosine_loss": "loss short", "s2l_loss": "loss s2l",
-              "relation_loss": "loss rel", "logit_kd": "loss CE/KD (LM head)"}
-    for fn, label in labels.items():  # train.py calls distill.X: label each call
-        f = getattr(distill, fn)
-        setattr(distill, fn, lambda *x, f=f, label=label, **k: record_function(label)(f)(*x, **k))
-    fwd = train.Llama.forward_hidden  # the teacher runs without grad, the student with
 
-    def forward_hidden(self, *x, **k):
-        with record_function("student fwd" if torch.is_grad_enabled() else "teacher fwd"):
-            return fwd(self, *x, **k)
-    train.Llama.forward_hidden = forward_hidden
+    def label(obj, name, tag):  # run obj.name inside a profiler range named tag()
+        f = getattr(obj, name)
+        setattr(obj, name, lambda *x, **k: record_function(tag())(f)(*x, **k))
+    losses = {"hidden_cosine_loss": "loss short", "s2l_loss": "loss s2l",
+              "relation_loss": "loss rel", "logit_kd": "loss CE/KD (LM head)"}
+    for fn, tag in losses.items():  # train.py calls distill.X
+        label(distill, fn, lambda tag=tag: tag)
+    label(train.Llama, "forward_hidden",  # the teacher runs without grad, the student with
+          lambda: "student fwd" if torch.is_grad_enabled() else "teacher fwd")
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=1, warmup=0, active=1))
     step = torch.optim.AdamW.step
     torch.optim.AdamW.step = lambda self, *x, **k: (step(self, *x, **k), prof.step())[0]
     with prof:
         train.main(train_args)
-    ev = prof.key_averages()
-    ranges = ["teacher fwd", "student fwd", *labels.values()]  # record_function labels
-    gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA  # kernels, memcpy
+    ev, kind = prof.key_averages(), torch.autograd.DeviceType
+    ranges = ["teacher fwd", "student fwd", *losses.values()]  # record_function labels
+    gpu = [e for e in ev if e.device_type == kind.CUDA  # kernels, memcpy
            and e.key not in ranges and not e.key.startswith("ProfilerStep")]
     total = sum(e.self_device_time_total for e in gpu) or float("nan")
     print(f"\nP3 profile of one optimizer step: GPU busy {total / 1e3:.0f} ms")
     attn, gemm = r"flash|fmha|cudnn|attention|sdpa", r"gemm|cutlass|nvjet|xmma"
-    for name, pat in {"attention kernels": attn, "GEMM kernels": gemm}.items():
-        t = sum(e.self_device_time_total for e in gpu if re.search(pat, e.key, re.I)
-                and (pat == attn or not re.search(attn, e.key, re.I)))
+    parts = {"attention kernels": sum(e.self_device_time_total for e in gpu
+                                      if re.search(attn, e.key, re.I)),
+             "GEMM kernels": sum(e.self_device_time_total for e in gpu if re.search(
+                 gemm, e.key, re.I) and not re.search(attn, e.key, re.I))}
+    for name in ranges:  # forward ranges only: device time under the CPU-side range
+        parts[name + " (fwd range)"] = sum(e.device_time_total for e in ev
+                                           if e.key == name and e.device_type == kind.CPU)
+    for name, t in parts.items():
         print(f"  {name:34} {t / 1e3:9.1f} ms {t / total:6.1%}")
-    for name in ranges:  # forward ranges only
-        t = sum(e.device_time_total for e in ev if e.key == name and e.device_type ==
-                torch.autograd.DeviceType.CPU)
-        print(f"  {name + ' (fwd range)':34} {t / 1e3:9.1f} ms {t / total:6.1%}")
     print("  top kernels:")
     for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:15]:
         print(f"  {e.self_device_time_total / 1e3:9.1f} ms x{e.count:<6} {e.key[:90]}")
+
+
+def table(head, rows):
+    """A markdown table; floats with 3 significant digits."""
+    print(f"\n| {' | '.join(head)} |\n|{'---|' * len(head)}")
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
 
 
 def main():
@@ -258,19 +236,19 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not a.quick:
         p.error("full shapes need CUDA; use --quick on CPU")
+    dt = torch.float32 if a.quick else torch.bfloat16  # bf16 in, fp32 accumulate
     rows, out = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__, "quick": a.quick}
+
+    def timed(goal, what, n, fn, make):  # measure fn(*make()) and add its row to the table
+        rows.append((goal, what, n, *measure(fn, make, a.reps, dev)))
+        return rows[-1][3:]
     for goal, fn in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4)):
         if a.only in (None, goal):
-            fn(a, dev, rows, out)
-    print(f"\n{out['device']}, torch {out['torch']}\n\n| goal | what | n / T | ms | peak GiB |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(fmt(v) for v in r) + " |")
-    print("\n| ratio | value |\n|---|---|")
-    for k, v in out.items():
-        if k.startswith("p"):
-            print(f"| {k} | {fmt(v)} |")
+            fn(a, dev, dt, timed, out)
+    print(f"\n{out['device']}, torch {out['torch']}")
+    table(("goal", "what", "n / T", "ms", "peak GiB"), rows)
+    table(("ratio", "value"), [(k, v) for k, v in out.items() if k.startswith("p")])
     out["rows"] = [dict(zip(("goal", "what", "n", "ms", "peak_gib"), r)) for r in rows]
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:

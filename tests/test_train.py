@@ -24,11 +24,7 @@ def tiny(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
                       ffn_dim=128, max_pos=64, tie_embeddings=True)
     torch.manual_seed(0)
-    m = Llama(cfg)
-    for p in m.parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.1)
-    m.save_pretrained(root / "model")
+    Llama(cfg).init_random(std=0.1).save_pretrained(root / "model")
     (root / "model" / "tokenizer_config.json").write_text("{}")  # export copies it
     rng = np.random.default_rng(0)
     docs = np.concatenate([np.append(rng.integers(1, 256, rng.integers(10, 60)), 0)
@@ -84,11 +80,7 @@ def test_two_processes_equal_one_with_accumulation(tiny, tmp_path, shard):
     cfg = LlamaConfig.from_json(tiny / "model" / "config.json")
     cfg.tie_embeddings = False
     torch.manual_seed(1)
-    m = Llama(cfg)
-    for p in m.parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.1)
-    m.save_pretrained(tmp_path / "untied")
+    Llama(cfg).init_random(std=0.1).save_pretrained(tmp_path / "untied")
     common = [os.path.join(ROOT, "train.py"), "--init", str(tmp_path / "untied"), "--data",
               str(tiny / "tokens"), *ARGS, "--method", "longred-c", "--steps", "2",
               "--batch-tokens", "512", "--micro-tokens", "256"]
