@@ -1,17 +1,14 @@
 """assets.py: BPE from GGUF, GGUF conversion, R/deb readers (CPU, ~1 s without assets). Tests on
 the real model need `python data.py setup --model-only` (~17 s, 610 MB) and skip otherwise."""
-import io, json, struct, sys, tarfile, zlib
-from pathlib import Path
+import io, json, struct, tarfile, zlib
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import assets, data  # noqa: E402
-from test_data import ASSETS, MODEL, TEXT, needs_assets  # noqa: E402
+import assets, data
+from test_data import ASSETS, MODEL, TEXT, needs_assets
 
 
-# ----------------------------------------------------------------------------- tokenizer
 def test_bpe_from_gguf_and_save(tmp_path):
     tokens = ["<|endoftext|>", "a", "b", "ab", "\u0120", "\u0120ab", "1", "<|im_start|>"]
     ranks, special = assets.bpe_from_gguf(tokens, [3, 1, 1, 1, 1, 1, 1, 3])
@@ -31,46 +28,35 @@ def test_setup_through_data_cli(tmp_path):  # data.py imports assets lazily, in 
         data.main(["setup", "--dir", str(tmp_path), "--gguf", str(tmp_path / "nope.gguf")])
 
 
-# ----------------------------------------------------------------------------- GGUF, R, deb
 def test_convert_gguf_unpermutes(tmp_path):
     gguf = pytest.importorskip("gguf")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     rng, D, H, K, hd, F = np.random.default_rng(0), 32, 4, 2, 8, 48
-    hf = {"model.embed_tokens.weight": rng.standard_normal((9, D)),
-          "model.norm.weight": rng.standard_normal(D),
-          "model.layers.0.input_layernorm.weight": rng.standard_normal(D),
-          "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((H * hd, D)),
-          "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((K * hd, D)),
-          "model.layers.0.self_attn.v_proj.weight": rng.standard_normal((K * hd, D)),
-          "model.layers.0.self_attn.o_proj.weight": rng.standard_normal((D, H * hd)),
-          "model.layers.0.post_attention_layernorm.weight": rng.standard_normal(D),
-          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((F, D)),
-          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((F, D)),
-          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((D, F))}
-    hf = {k: v.astype(np.float32) for k, v in hf.items()}
+    shapes = {"embed_tokens": (9, D), "norm": (D,), "layers.0.input_layernorm": (D,),
+              "layers.0.self_attn.q_proj": (H * hd, D), "layers.0.self_attn.k_proj": (K * hd, D),
+              "layers.0.self_attn.v_proj": (K * hd, D), "layers.0.self_attn.o_proj": (D, H * hd),
+              "layers.0.post_attention_layernorm": (D,), "layers.0.mlp.gate_proj": (F, D),
+              "layers.0.mlp.up_proj": (F, D), "layers.0.mlp.down_proj": (D, F)}
+    hf = {f"model.{k}.weight": rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     to_gguf = {v: k for k, v in assets.GGUF_TO_HF.items()}
 
     def permute(w, n):  # llama.cpp's convert_hf_to_gguf.py, HF -> GGUF
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
-    for key, value in [("block_count", 1), ("context_length", 64), ("embedding_length", D),
-                       ("feed_forward_length", F), ("head_count", H), ("head_count_kv", K),
-                       ("rope_freq_base", 1e5), ("layer_norm_rms_eps", 1e-5),
-                       ("rope_dimension_count", hd)]:
-        getattr(w, f"add_{key}")(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(["<|endoftext|>", "a", "b", "ab", "\u0120", "\u0120ab", "1", "2", "3"])
-    w.add_token_types([3] + [1] * 8)
+    for k, v in [("block_count", 1), ("context_length", 64), ("embedding_length", D),
+                 ("feed_forward_length", F), ("head_count", H), ("head_count_kv", K),
+                 ("rope_freq_base", 1e5), ("layer_norm_rms_eps", 1e-5), ("tokenizer_pre", "smollm"),
+                 ("rope_dimension_count", hd), ("tokenizer_model", "gpt2"),
+                 ("token_list", ["<|endoftext|>", "a", "b", "ab", "\u0120", "\u0120ab", *"123"]),
+                 ("token_types", [3] + [1] * 8)]:
+        getattr(w, f"add_{k}")(v)
     for name, t in hf.items():
         if "q_proj" in name or "k_proj" in name:
             t = permute(t, H if "q_proj" in name else K)
         short = to_gguf[name.removeprefix("model.layers.0.").rsplit(".", 1)[0]]
         w.add_tensor(f"blk.0.{short}.weight" if "layers" in name else f"{short}.weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    for step in ("write_header_to_file", "write_kv_data_to_file", "write_tensors_to_file", "close"):
+        getattr(w, step)()
     assets.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
     got = safetensors_numpy.load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert got.keys() == hf.keys()
@@ -112,7 +98,6 @@ def test_r_strings_and_deb_file(tmp_path):
     assert assets.deb_file(tmp_path / "x.deb", "data/Rdata.rdb") == rdb
 
 
-# ----------------------------------------------------------------------------- real assets
 @needs_assets
 def test_real_model_config():
     cfg = json.loads((MODEL / "config.json").read_text())

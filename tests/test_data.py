@@ -1,13 +1,12 @@
 """data.py: shards, tokenizers, prepare, streams (CPU, ~1 s without assets). Tests on the real
 tokenizer need `python data.py setup --model-only` (~17 s, 610 MB) and skip otherwise."""
-import base64, json, sys
+import base64, json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MODEL = ASSETS / "smollm2-135m"
@@ -29,7 +28,6 @@ def byte_tokenizer(tmp_path, merges=(b"th", b"the", b" the", b"in", b"12", b"123
     return path
 
 
-# ----------------------------------------------------------------------------- shards
 def test_shard_round_trip(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 49152, 10_001)
     data.write_shard(tmp_path / "a.bin", tokens, "ab" * 16, 49152)
@@ -43,28 +41,23 @@ def test_shard_round_trip(tmp_path):
 
 def test_shard_errors(tmp_path):
     p = tmp_path / "s.bin"
-    with pytest.raises(ValueError, match=r"s\.bin: token id 10 outside"):
-        data.write_shard(p, [1, 2, 10], "00" * 16, 10)
-    with pytest.raises(ValueError, match="outside"):
-        data.write_shard(p, [-1, 2], "00" * 16, 10)
+    for bad, match in [([1, 2, 10], r"s\.bin: token id 10 outside"), ([-1, 2], "outside")]:
+        with pytest.raises(ValueError, match=match):
+            data.write_shard(p, bad, "00" * 16, 10)
     assert not p.exists()
     data.write_shard(p, np.arange(100), "00" * 16, 100)
-    with pytest.raises(ValueError, match="not .*tokenizer"):
-        data.read_shard(p, tokenizer_hash="11" * 16)
-    with pytest.raises(ValueError, match="vocab 100 > the model's 50"):
-        data.read_shard(p, vocab_size=50)
-    p.write_bytes(p.read_bytes()[:-4])
-    with pytest.raises(ValueError, match=r"s\.bin: .*truncated"):
-        data.read_shard(p)
-    p.write_bytes(b"GARBAGE!" + bytes(100))
-    with pytest.raises(ValueError, match=r"s\.bin: not a token shard"):
-        data.read_shard(p)
-    p.write_bytes(b"NRT")
-    with pytest.raises(ValueError, match="bad magic"):
-        data.read_header(p)
+    good = p.read_bytes()
+    for raw, call, match in [
+            (good, lambda: data.read_shard(p, tokenizer_hash="11" * 16), "not .*tokenizer"),
+            (good, lambda: data.read_shard(p, vocab_size=50), "vocab 100 > the model's 50"),
+            (good[:-4], lambda: data.read_shard(p), r"s\.bin: .*truncated"),
+            (b"GARBAGE!" + bytes(100), lambda: data.read_shard(p), r"s\.bin: not a token shard"),
+            (b"NRT", lambda: data.read_header(p), "bad magic")]:
+        p.write_bytes(raw)
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
-# ----------------------------------------------------------------------------- tokenizers
 def test_llama3_style_tokenizer(tmp_path):
     enc = data.load_tokenizer(byte_tokenizer(tmp_path).parent)
     n = 256 + 8
@@ -103,7 +96,6 @@ def test_prepare(tmp_path):
         data.prepare([tmp_path / "nope.txt"], enc, tmp_path / "out")
 
 
-# ----------------------------------------------------------------------------- streams
 def corpus(n_docs=200, seed=0, eos=0):
     rng = np.random.default_rng(seed)
     docs = [np.append(rng.integers(1, 100, rng.integers(1, 60)), eos) for _ in range(n_docs)]
@@ -117,9 +109,9 @@ def test_windows():
     assert np.array_equal(pos[2], np.arange(64))
     for row in x:  # each window is a contiguous slice of the stream
         assert any(np.array_equal(row, tokens[i:i + 64]) for i in range(len(tokens) - 63))
-    assert np.array_equal(x, data.windows(tokens, 64, 4, seed=1, step=7, rank=0)[0])
-    assert not np.array_equal(x, data.windows(tokens, 64, 4, seed=1, step=7, rank=1)[0])
-    assert not np.array_equal(x, data.windows(tokens, 64, 4, seed=1, step=8, rank=0)[0])
+    again = lambda step=7, rank=0: data.windows(tokens, 64, 4, seed=1, step=step, rank=rank)[0]
+    assert np.array_equal(x, again()) and not np.array_equal(x, again(rank=1))
+    assert not np.array_equal(x, again(step=8))
     starts = data.doc_starts(tokens, 0)
     assert starts[0] == 0 and np.all(tokens[starts[1:] - 1] == 0) and len(starts) == 200
     x, _ = data.windows(tokens, 32, 16, 0, 0, starts=starts)
@@ -140,22 +132,19 @@ def test_packed():
     assert not np.array_equal(x, data.packed(tokens, starts, 256, 3, 0, 5, 3, max_doc=20)[0])
     short = {tuple(tokens[s:e]) for s, e in zip(starts, ends) if e - s <= 20}
     for row in x:  # whole short documents back to back, the last one cut
-        cut = np.flatnonzero(row == 0) + 1
-        docs = np.split(row, cut)
+        docs = np.split(row, np.flatnonzero(row == 0) + 1)
         assert all(tuple(d) in short for d in docs[:-1])
         assert any(doc[:len(docs[-1])] == tuple(docs[-1]) for doc in short)
     with pytest.raises(ValueError, match="max_doc"):
         data.packed(tokens, starts, 256, 1, 0, 0, max_doc=1)
 
 
-# ----------------------------------------------------------------------------- real assets
 @needs_assets
 def test_real_tokenizer():
     enc = data.load_tokenizer(MODEL)
     assert enc.encode_ordinary("The capital of France is") == [504, 3575, 282, 4649, 314]
     assert enc.vocab_size == 49152 and enc.eos_id == 0 and enc.n_vocab == 49152 + 21
     assert enc.encode("<|im_start|>user<|im_end|>", allowed_special="all")[::2] == [1, 2]
-    assert [enc.decode([t]) for t in enc.encode_ordinary("in 2024")] == ["in", " ", "2", "0", "2",
-                                                                         "4"]
+    assert [enc.decode([t]) for t in enc.encode_ordinary("in 2024")] == ["in", " ", *"2024"]
     ids = enc.encode_ordinary(TEXT)
     assert enc.decode(ids) == TEXT and max(ids) < 49152

@@ -19,15 +19,12 @@ SCALINGS = [None, {"rope_type": "linear", "factor": 4.0},
 def test_inv_freq_matches_transformers(scaling, head_dim, theta):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     params = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
                       max_position_embeddings=32768, rope_parameters=params)
-    kind = params["rope_type"]
-    if kind == "default":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-        ref, ref_attn = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
-    else:
-        ref, ref_attn = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
+    ref, ref_attn = (LlamaRotaryEmbedding.compute_default_rope_parameters(cfg) if scaling is None
+                     else ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu"))
     ours, attn = rope_inv_freq(head_dim, theta, scaling, 32768)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
     assert attn == pytest.approx(ref_attn, rel=1e-12)
@@ -51,10 +48,8 @@ def test_cos_sin_exact_far_positions_in_bf16():
     inv, _ = rope_inv_freq(128, 5e5)
     pos = torch.tensor([0, 1, 8191, 65535, 131071])
     cos, sin = rope_cos_sin(pos, inv, 1.0, torch.bfloat16)
-    ang = pos.double()[:, None] * inv.double()  # the fp32 inv_freq is the definition
-    ang = torch.cat((ang, ang), -1)
-    assert cos.dtype == torch.bfloat16
-    assert (cos.double() - ang.cos()).abs().max() < 1e-2
+    ang = (pos.double()[:, None] * inv.double()).repeat(1, 2)  # fp32 inv_freq: the definition
+    assert cos.dtype == torch.bfloat16 and (cos.double() - ang.cos()).abs().max() < 1e-2
     assert (sin.double() - ang.sin()).abs().max() < 1e-2
     bad = (pos.bfloat16()[:, None] * inv.bfloat16()).double().cos()
     assert (bad - ang[:, :64].cos()).abs().max() > 0.1  # the test can tell the difference
@@ -63,15 +58,11 @@ def test_cos_sin_exact_far_positions_in_bf16():
 def test_apply_rope_is_rotation_and_relative(gen):
     """RoPE preserves norms and q.k depends only on the position difference."""
     inv, _ = rope_inv_freq(16, 1e4)
-    q, k = torch.randn(1, 1, 1, 16, generator=gen, dtype=torch.float64), \
-        torch.randn(1, 1, 1, 16, generator=gen, dtype=torch.float64)
-    def dot(i, j):
-        ci, si = rope_cos_sin(torch.tensor([i]), inv, 1.0, torch.float64)
-        cj, sj = rope_cos_sin(torch.tensor([j]), inv, 1.0, torch.float64)
-        return (apply_rope(q, ci, si) * apply_rope(k, cj, sj)).sum()
-    assert dot(10, 3) == pytest.approx(float(dot(107, 100)), rel=1e-5)
-    c, s = rope_cos_sin(torch.tensor([77]), inv, 1.0, torch.float64)
-    assert apply_rope(q, c, s).norm() == pytest.approx(float(q.norm()), rel=1e-6)
+    q, k = torch.randn(2, 1, 1, 1, 16, generator=gen, dtype=torch.float64)
+    rot = lambda x, i: apply_rope(x, *rope_cos_sin(torch.tensor([i]), inv, 1.0, torch.float64))
+    dot = lambda i, j: float((rot(q, i) * rot(k, j)).sum())
+    assert dot(10, 3) == pytest.approx(dot(107, 100), rel=1e-5)
+    assert rot(q, 77).norm() == pytest.approx(float(q.norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["uniform", "cream"])
@@ -92,11 +83,8 @@ def test_skipped_positions_invariants(method, t_orig, t_target):
 def test_skipped_positions_spread():
     """Uniform spreads the mid run over the whole range; CREAM concentrates it (SPEC section 2)."""
     g = torch.Generator().manual_seed(1)
-    mids = {m: [] for m in ("uniform", "cream")}
-    for m in mids:
-        for _ in range(300):
-            p = skipped_positions(900, 3600, m, g)
-            mids[m].append(int(p[450]))
+    mids = {m: [int(skipped_positions(900, 3600, m, g)[450]) for _ in range(300)]
+            for m in ("uniform", "cream")}
     assert max(mids["uniform"]) > 2500 and min(mids["uniform"]) < 800
     assert all(300 <= x <= 3600 - 300 for x in mids["cream"])
     with pytest.raises(ValueError, match="must exceed"):
@@ -108,9 +96,9 @@ def test_skipped_positions_spread():
 def test_phase_thetas():
     phases = phase_thetas(1e5, 64, 8192, [8192, 16384, 32768])
     assert phases[0] == (8192, 1e5)
-    c = max_wavelength(1e5, 64) / 8192
+    w0 = max_wavelength(1e5, 64)
     for L, th in phases:
-        assert max_wavelength(th, 64) == pytest.approx(max(c * L, max_wavelength(1e5, 64)), rel=1e-9)
+        assert max_wavelength(th, 64) == pytest.approx(max(w0 / 8192 * L, w0), rel=1e-9)
     assert phases[2][1] == pytest.approx(extend("ntk", 1e5, 64, 8192, 32768)[0])
     loose = phase_thetas(1e5, 64, 8192, [32768], c=100.0)[0][1]
     assert max_wavelength(loose, 64) == pytest.approx(100.0 * 32768) and math.isfinite(loose)
