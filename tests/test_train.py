@@ -187,3 +187,17 @@ def test_compile_gives_the_same_steps(tiny, tmp_path, monkeypatch):
     for a, b in zip(*rows):
         for k in ("loss_long", "loss_short", "loss_s2l", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4), k
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_count_every_matmul_weight(tie):
+    """MFU's N (from the config) = the model's 2-D weights, the LM head counted even when tied."""
+    cfg = LlamaConfig(vocab_size=96, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=8,
+                      ffn_dim=80, tie_embeddings=tie)
+    m = Llama(cfg)
+    N = sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n)
+    N += 96 * 48 if tie else 0  # the tied head is the embedding, listed once
+    d_attn, T = 6 * 8, 5
+    assert train.flops("long", 3, T, cfg) == 3 * T * (6 * N + 6 * 2 * T * d_attn)
+    assert train.flops("short", 3, T, cfg) == 3 * T * (8 * N + 8 * 2 * T * d_attn)
+
