@@ -86,7 +86,6 @@ PRESETS = {  # method: student RoPE, micro-step mix (per 16 micro-steps), budget
                           train_params=r"\.(q|k|v)_proj\."),
     "kd": dict(rope="phase", mix={"kd": 16}),
 }
-FULL_KINDS = ("long", "kd")  # micro-steps whose loss reaches every trainable parameter
 
 
 def parse_args(argv=None):
@@ -142,14 +141,14 @@ def derive(cfg, model_cfg, world):
 
 
 def schedule(mix, n):
-    """n micro-step kinds in the proportions of `mix` (largest remainder), full-loss kinds last."""
+    """n micro-step kinds in the proportions of `mix` (largest remainder), in the mix's order."""
     total = sum(mix.values())
     counts = {k: max(int(v * n // total), 1 if v else 0) for k, v in mix.items()}
     while sum(counts.values()) > n:
         counts[max(counts, key=counts.get)] -= 1
     while sum(counts.values()) < n:
         counts[max(mix, key=lambda k: mix[k] * n / total - counts[k])] += 1
-    return [k for k in sorted(counts, key=lambda k: k in FULL_KINDS) for _ in range(counts[k])]
+    return [k for k in counts for _ in range(counts[k])]
 
 
 def head_inputs(h, w):
