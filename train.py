@@ -423,8 +423,9 @@ def main(argv=None):
     tokens, tok_hash, eos = data.load_tokens(cfg.data, cfg.init, init_cfg.vocab_size)
     d.update(n_layers=init_cfg.n_layers, eos=eos)
     student, teacher = build(cfg, d, dtype, device, world)
-    opt, params = optimizer(student, cfg)  # first: FSDP2 leaves root parameters unsharded
-    if cfg.method.startswith("longred"):  # after a no-grad forward (reshard below)
+    # the optimizer before any forward: FSDP2 leaves root parameters unsharded after a no-grad one
+    opt, params = optimizer(student, cfg)
+    if cfg.method.startswith("longred"):
         d["layers"] = select_layers(cfg, d, student, teacher, tokens, device, rank)
         if cfg.fsdp:
             student.reshard()
