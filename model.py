@@ -70,6 +70,16 @@ class LlamaConfig:
         return cfg
 
     @classmethod
+    def of(cls, init):
+        """The config of train.py's --init: an HF folder's config.json, or random:NAME of SHAPES
+        (saved as bfloat16, as the real checkpoints of those shapes are)."""
+        if not init.startswith("random:"):
+            return cls.from_json(_need(init, "config.json"))
+        if init[7:] not in SHAPES:
+            raise ValueError(f"--init {init}: known shapes are random:{', random:'.join(SHAPES)}")
+        return cls(**SHAPES[init[7:]], hf={"torch_dtype": "bfloat16"})
+
+    @classmethod
     def from_json(cls, path):
         with open(path) as f:
             return cls.from_hf(json.load(f), source=path)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import ckpt
 import data
 import distill
-from model import SHAPES, Llama, LlamaConfig, _need
+from model import Llama, LlamaConfig
 from rope import extend, phase_thetas, skipped_positions
 
 
@@ -264,7 +264,7 @@ def build(cfg, d, dtype, device, world):
     if cfg.init.startswith("random:"):  # random weights of a named shape, made on the device
         torch.manual_seed(cfg.seed)
         with torch.device(device):
-            student = Llama(init_config(cfg.init)).init_random()
+            student = Llama(LlamaConfig.of(cfg.init)).init_random()
         teacher = copy.deepcopy(student).to(dtype)
     else:
         student = Llama.from_pretrained(cfg.init, dtype=torch.float32)
@@ -293,15 +293,6 @@ def build(cfg, d, dtype, device, world):
         from torch.nn.parallel import DistributedDataParallel as DDP
         student = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     return student, teacher
-
-
-def init_config(init):
-    """The model config of --init: an HF folder's config.json or random:NAME of SHAPES."""
-    if init.startswith("random:"):
-        if init[7:] not in SHAPES:
-            raise ValueError(f"--init {init}: known shapes are random:{', random:'.join(SHAPES)}")
-        return LlamaConfig(**SHAPES[init[7:]], hf={"torch_dtype": "bfloat16"})  # as the real ones
-    return LlamaConfig.from_json(_need(init, "config.json"))
 
 
 def lr_at(step, d, cfg):
@@ -418,7 +409,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    init_cfg = init_config(cfg.init)
+    init_cfg = LlamaConfig.of(cfg.init)
     d = derive(cfg, init_cfg, world)
     tokens, tok_hash, eos = data.load_tokens(cfg.data, cfg.init, init_cfg.vocab_size)
     d.update(n_layers=init_cfg.n_layers, eos=eos)
