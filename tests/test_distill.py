@@ -327,3 +327,18 @@ def test_cuda_kernel_lse_matches_tile_loop(monkeypatch):
     assert abs(runs[0][0] - runs[1][0]) <= 1e-5 * runs[1][0]
     for a, b in zip(runs[0][1:], runs[1][1:]):
         assert rel(a.float(), b.float()) <= 1e-2
+
+
+def test_logit_kd_computes_in_the_autocast_dtype():
+    """Under autocast, fp32 inputs (master weights) are cast as nn.Linear's would be: the loss is
+    the one of bf16 copies, and the gradients come back in fp32."""
+    torch.manual_seed(0)
+    hs, ws = torch.randn(8, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True)
+    ht, wt, t = torch.randn(8, 16), torch.randn(32, 16), torch.randint(0, 32, (8,))
+    with torch.autocast("cpu", torch.bfloat16):
+        a = distill.logit_kd(hs, ht, ws, wt, targets=t, ce_weight=0.5)
+    b = distill.logit_kd(*(x.bfloat16() for x in (hs, ht, ws, wt)), targets=t, ce_weight=0.5)
+    assert a.item() == b.item()
+    a.backward()
+    assert hs.grad.dtype == ws.grad.dtype == torch.float32
+
