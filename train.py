@@ -151,11 +151,6 @@ def schedule(mix, n):
     return [k for k in counts for _ in range(counts[k])]
 
 
-def lm_loss(h, w, targets):
-    """Mean next-token CE through the LM head, chunked: distill.logit_kd with no teacher."""
-    return distill.logit_kd(h, None, w, None, targets=targets, ce_weight=1.0)
-
-
 class Call(nn.Module):
     """Routes the wrapper's forward to fn(model, ...) so that DDP/FSDP2 hooks run around the whole
     micro-step (forward_hidden plus the loss through the LM head)."""
@@ -184,8 +179,8 @@ def micro_loss(kind, cfg, d, x, pos, teacher, gen):
     """The loss function of one micro-step; teacher outputs computed here without grad."""
     method, layers = cfg.method, d.get("layers", ())
     if kind == "long" or (method == "mix-cpt" and kind in ("short", "s2l")):
-        return lambda m: lm_loss(m.forward_hidden(x, pos)[0].flatten(0, 1), m.lm_head.weight,
-                                 shift(x))
+        return lambda m: distill.logit_kd(m.forward_hidden(x, pos)[0].flatten(0, 1), None,
+                                          m.lm_head.weight, None, targets=shift(x), ce_weight=1.0)
     if kind == "short":  # LongReD L_short: selected blocks, the last one as the final-norm state
         blocks = layers[:-1]
         with torch.no_grad():
