@@ -80,9 +80,8 @@ def export(path, msd, model_cfg, init_cfg, rank, init=""):
     """The final student as an HF folder with its RoPE (save_pretrained), in the init's dtype,
     with the init folder's tokenizer files beside it."""
     if rank == 0:
-        dtype = getattr(torch, str(init_cfg.hf.get("torch_dtype", "float32")), torch.float32)
-        save_pretrained(model_cfg, {k.removeprefix("model."): v.to(dtype) for k, v in msd.items()},
-                        path)
+        save_pretrained(model_cfg, {k.removeprefix("model."): v.to(init_cfg.dtype)
+                                    for k, v in msd.items()}, path)
         for f in os.listdir(init) if os.path.isdir(init) else []:
             if f.startswith(("tokenizer", "tiktoken", "special_tokens")):
                 shutil.copy2(os.path.join(init, f), path)

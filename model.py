@@ -69,6 +69,13 @@ class LlamaConfig:
         rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_pos)  # validates
         return cfg
 
+    @property
+    def dtype(self):
+        """The checkpoint's dtype: config.json's torch_dtype (transformers 4) or dtype (5), else
+        float32."""
+        name = str(self.hf.get("torch_dtype") or self.hf.get("dtype") or "float32")
+        return getattr(torch, name.removeprefix("torch."), torch.float32)
+
     @classmethod
     def of(cls, init):
         """The config of train.py's --init: an HF folder's config.json, or random:NAME of SHAPES
@@ -248,8 +255,7 @@ class Llama(nn.Module):
             cfg.rope_theta = float(rope.get("rope_theta", cfg.rope_theta))
             cfg.rope_scaling = rope.get("rope_scaling", cfg.rope_scaling)
             cfg.max_pos = int(rope.get("max_position_embeddings", cfg.max_pos))
-        dtype = dtype or getattr(torch, str(cfg.hf.get("torch_dtype") or cfg.hf.get("dtype")
-                                            or "float32"), torch.float32)
+        dtype = dtype or cfg.dtype
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(load_safetensors(path, model), assign=True, strict=False)

@@ -139,3 +139,12 @@ def test_config_round_trip():
     c2 = LlamaConfig.from_hf(c.to_hf())
     assert {k: v for k, v in vars(c2).items() if k != "hf"} == \
         {k: v for k, v in vars(c).items() if k != "hf"}
+
+
+def test_checkpoint_dtype_from_either_transformers_key():
+    """config.json's torch_dtype (transformers 4) or dtype (5) sets load and export dtype."""
+    hf = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "intermediate_size": 128, "vocab_size": 256}
+    assert LlamaConfig.from_hf({**hf, "dtype": "bfloat16"}).dtype == torch.bfloat16
+    assert LlamaConfig.from_hf({**hf, "torch_dtype": "float16"}).dtype == torch.float16
+    assert LlamaConfig.from_hf(hf).dtype == torch.float32
