@@ -21,7 +21,10 @@ from distill_fast import lse_kernel  # noqa: F401  (bench.py reports relation_kl
 
 # ---- Relation KL (LinearARD) ------------------------------------------------------------------
 
-def relation_kl(xt, xs, yt=None, ys=None, block=(2048, 1024), compile=None):
+RELATION_TILE = (2048, 1024)  # relation_kl's tile (rows, cols) in positions
+
+
+def relation_kl(xt, xs, yt=None, ys=None, block=RELATION_TILE, compile=None):
     """LinearARD relation KL (docs/METHODS.md, "Relation KL (LinearARD)"):
 
         L = sum_{b,h,i} KL(P_t,i || P_s,i),   P_i = softmax_{j<=i}(z_ij),   z_ij = s x_i . y_j
@@ -34,17 +37,28 @@ def relation_kl(xt, xs, yt=None, ys=None, block=(2048, 1024), compile=None):
               and for a student that trains D = p_s - p_t, dX = s D Y, dY = s D^T X
               (a self relation: dX = s (D + D^T) X); fp32 throughout.
     A fused kernel's lse is ours to fp32 rounding (~1e-6 relative), and so is the KL.
+    Under autocast the inputs are cast to its dtype (bf16 in, fp32 accumulation).
     block: the tile (rows, cols) or its edge, in positions; compile: torch.compile the tile body
     (default: on CUDA)."""
     block_rows, block_cols = _tile_shape(block)
     _check_relation_inputs(xt, xs, yt, ys, block_rows, block_cols, block)
     if compile is None:
         compile = xs.is_cuda
-    return distill_fast.relation_kl_fast(xt, xs, yt, ys, int(block_rows), int(block_cols),
-                                         bool(compile))
+    device_type = xs.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as an nn.Linear would be: a student with fp32 master weights hands over fp32 q (its
+        # RoPE runs in fp32), which would make every tile GEMM an fp32 one (10x slower)
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        xt = _to_dtype(xt, autocast_dtype)
+        xs = _to_dtype(xs, autocast_dtype)
+        yt = _to_dtype(yt, autocast_dtype)
+        ys = _to_dtype(ys, autocast_dtype)
+    with torch.autocast(device_type, enabled=False):
+        return distill_fast.relation_kl_fast(xt, xs, yt, ys, int(block_rows), int(block_cols),
+                                             bool(compile))
 
 
-def relation_kl_reference(xt, xs, yt=None, ys=None, block=(2048, 1024)):
+def relation_kl_reference(xt, xs, yt=None, ys=None, block=RELATION_TILE):
     """relation_kl's KL and gradients by the same two passes in plain torch: y repeated to every
     query head (autograd sums each group's dY), the row lse by tiles, every tile masked, no
     compile, all in fp32 (fp64 stays fp64). Slower; the tests compare relation_kl with it."""
@@ -160,23 +174,40 @@ def _check_relation_inputs(xt, xs, yt, ys, block_rows, block_cols, block):
                          f"{y_teacher.shape} {y_student.shape} {block}")
 
 
-def relation_loss(cap_t, cap_s, layers, kinds=("q", "k", "v"), norm="own", **kw):
+def relation_loss(cap_t, cap_s, layers, kinds=("q", "k", "v"), norm="own",
+                  tile_elements=2**28, **kw):
     """LinearARD loss (docs/METHODS.md, "Relation KL (LinearARD)"):
 
         L_rel = (1 / |layers|) sum_{l in layers} sum_{X in kinds} KL_rel(X_l) / (B T heads_X)
 
     KL_rel = relation_kl (kw go to it). heads_X: norm="own", the heads of that relation (H for
     q, K for k and v); norm="query", H for every kind, as LinearARD's code divides.
-    cap = {"q": {l: (B,H,T,hd)}, "k": {l: (B,K,T,hd)}, "v": {...}}."""
+    cap = {"q": {l: (B,H,T,hd)}, "k": {l: (B,K,T,hd)}, "v": {...}}.
+
+    Relations of one shape and one divisor B T heads_X are terms of one sum, so they are stacked
+    along the batch axis and go through relation_kl together: a few large calls instead of one
+    small call per layer and kind (3 L of them). A call stacks as many as keep its fp32 tile of
+    logits (stacked rows x tile) within tile_elements (1 GiB by default)."""
     if norm not in ("own", "query") or not layers:
         raise ValueError(f'need norm "own" or "query" and >= 1 layer, got {norm!r}, {layers}')
-    total = 0
+    by_shape = {}  # (shape, divisor) -> the relations that share them, as (kind, layer)
     for layer in layers:
         for kind in kinds:
-            kl = relation_kl(cap_t[kind][layer], cap_s[kind][layer], **kw)
             heads_kind = "q" if norm == "query" else kind
-            rows = cap_s[heads_kind][layer][..., 0].numel()  # B T heads_X
-            total = total + kl / rows
+            divisor = cap_s[heads_kind][layer][..., 0].numel()  # B T heads_X
+            shape = tuple(cap_s[kind][layer].shape)
+            by_shape.setdefault((shape, divisor), []).append((kind, layer))
+    block_rows, block_cols = _tile_shape(kw.get("block", RELATION_TILE))
+    total = 0
+    for (shape, divisor), relations in by_shape.items():
+        B, heads, T, hd = shape
+        elements_per_relation = B * heads * min(block_rows, T) * min(block_cols, T)
+        per_call = max(1, tile_elements // elements_per_relation)
+        for first in range(0, len(relations), per_call):
+            call = relations[first:first + per_call]
+            teacher = torch.cat([cap_t[kind][layer] for kind, layer in call])  # (n B,heads,T,hd)
+            student = torch.cat([cap_s[kind][layer] for kind, layer in call])
+            total = total + relation_kl(teacher, student, **kw) / divisor
     return total / len(layers)
 
 

@@ -164,14 +164,23 @@ def caps(seed, B=2, H=4, K=2, T=19, hd=4, layers=3):
     return cap_t, cap_s
 
 
+@pytest.mark.parametrize("tile_elements", [2**28, 1])  # all stacked | one relation a call
 @pytest.mark.parametrize("norm", ["own", "query"])
-def test_relation_loss_normalisation(norm):
-    """Mean over layers of sum over q, k, v of KL / (B T heads), heads: own or the query's."""
+def test_relation_loss_normalisation(norm, tile_elements):
+    """Mean over layers of sum over q, k, v of KL / (B T heads), heads: own or the query's; the
+    relations stacked into few relation_kl calls give the per-layer sum, values and gradients."""
     cap_t, cap_s = caps(6)
     rows = lambda kind, l: math.prod(cap_s[kind][l].shape[:3])  # B heads T
     ref = sum(dense_relation_kl(cap_t[k][l], cap_s[k][l]) / rows("q" if norm == "query" else k, l)
               for l in (0, 2) for k in "qkv") / 2
-    ours = distill.relation_loss(cap_t, cap_s, [0, 2], norm=norm, block=5)
+    calls = []
+    relation_kl = distill.relation_kl
+    with pytest.MonkeyPatch.context() as patch:  # count relation_kl's calls
+        patch.setattr(distill, "relation_kl",
+                      lambda *a, **k: calls.append(1) or relation_kl(*a, **k))
+        ours = distill.relation_loss(cap_t, cap_s, [0, 2], norm=norm, block=5,
+                                     tile_elements=tile_elements)
+    assert len(calls) == (2 if tile_elements > 1 else 6)  # q of 2 layers | k, v of 2 layers
     assert_matches(ours, ref, [cap_s[k][l] for k in "qkv" for l in (0, 2)])
     only_q = distill.relation_loss(cap_t, cap_s, [1], kinds=("q",), block=5)
     ref_q = dense_relation_kl(cap_t["q"][1], cap_s["q"][1]) / rows("q", 1)
@@ -392,3 +401,20 @@ def test_logit_kd_computes_in_the_autocast_dtype():
     a.backward()
     assert hs.grad.dtype == ws.grad.dtype == torch.float32
 
+
+
+def test_relation_kl_under_autocast_runs_in_its_dtype():
+    """Under autocast an fp32 student (fp32 master weights, fp32 RoPE) and a bf16 teacher are
+    cast to bf16, as an nn.Linear would be: the same KL and gradient as bf16 inputs given
+    directly, the gradient returned in fp32."""
+    g = torch.Generator().manual_seed(3)
+    xt = torch.randn(1, 2, 24, 8, generator=g).bfloat16()
+    xs = torch.randn(1, 2, 24, 8, generator=g).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = distill.relation_kl(xt, xs, block=8)
+    grad, = torch.autograd.grad(ours, xs)
+    xs_bf16 = xs.detach().bfloat16().requires_grad_()
+    direct = distill.relation_kl(xt, xs_bf16, block=8)
+    grad_direct, = torch.autograd.grad(direct, xs_bf16)
+    assert ours.item() == direct.item()
+    assert grad.dtype == torch.float32 and torch.equal(grad, grad_direct.float())
