@@ -5,6 +5,7 @@ Shapes: B batch, T time, D model dim, H query heads, K kv heads, hd head dim, F 
 Parameter names are the HF checkpoint's minus the `model.` prefix, so loading needs no mapping
 table.
 """
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -131,15 +132,73 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, documents=None):
+        """documents: None (causal over each row), or the cumulative lengths (n+1,) int32 of the
+        documents that tile the flattened B*T tokens: causal within each document only."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)  # (B,H,T,hd)
         k = self.k_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)  # (B,K,T,hd)
         v = self.v_proj(x).view(B, T, self.K, self.hd).transpose(1, 2)  # (B,K,T,hd)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.K != self.H)
+        if documents is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.K != self.H)
+        else:
+            y = document_attention(q, k, v, documents)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd)), (q, k, v)
+
+
+def document_attention(q, k, v, documents):
+    """Causal attention within each document of the flattened B*T tokens, none across: q
+    (B,H,T,hd), k and v (B,K,T,hd), documents = cumulative lengths (n+1,) int32. -> (B,H,T,hd)
+    One variable-length flash call on CUDA in half precision (PyTorch's varlen_attn); elsewhere
+    one SDPA call per document."""
+    B, H, T, hd = q.shape
+    K = k.shape[1]
+    q_tokens = q.transpose(1, 2).reshape(B * T, H, hd)  # (B*T, H, hd), varlen's layout
+    k_tokens = k.transpose(1, 2).reshape(B * T, K, hd)
+    v_tokens = v.transpose(1, 2).reshape(B * T, K, hd)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None:
+        y_tokens = _varlen_causal(q_tokens, k_tokens, v_tokens, documents, T)
+    else:
+        y_tokens = torch.empty_like(q_tokens)
+        bounds = documents.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            y = F.scaled_dot_product_attention(  # (heads, length, hd) per document
+                q_tokens[start:end].transpose(0, 1), k_tokens[start:end].transpose(0, 1),
+                v_tokens[start:end].transpose(0, 1), is_causal=True, enable_gqa=K != H)
+            y_tokens[start:end] = y.transpose(0, 1)
+    return y_tokens.view(B, T, H, hd).transpose(1, 2)
+
+
+def _varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_causal(q, k, v, documents, max_length):
+    """varlen_attn, causal, on (tokens, heads, hd); k and v repeated to the query heads where
+    this torch's varlen_attn has no enable_gqa. max_length: an upper bound (the window), a
+    constant, so that a compiled block is not recompiled for every batch."""
+    varlen_attn = _varlen_attn()
+    parameters = inspect.signature(varlen_attn).parameters
+    keywords = {}
+    if "window_size" in parameters:
+        keywords["window_size"] = (-1, 0)  # causal, in torch >= 2.12's terms
+    else:
+        keywords["is_causal"] = True
+    if k.shape[1] != q.shape[1] and "enable_gqa" in parameters:
+        keywords["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        group_size = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group_size, 1)
+        v = v.repeat_interleave(group_size, 1)
+    return varlen_attn(q, k, v, documents, documents, max_length, max_length, **keywords)
 
 
 class MLP(nn.Module):
@@ -162,8 +221,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin):
-        a, qkv = self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, documents=None):
+        a, qkv = self.self_attn(self.input_layernorm(x), cos, sin, documents)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), qkv
 
@@ -193,10 +252,12 @@ class Llama(nn.Module):
         inv_freq, attn = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.max_pos)
         return rope_cos_sin(positions, inv_freq, attn, dtype)
 
-    def forward_hidden(self, tokens, positions=None, hidden_layers=(), qkv_layers=()):
+    def forward_hidden(self, tokens, positions=None, hidden_layers=(), qkv_layers=(),
+                       documents=None):
         """tokens (B,T) -> (final-norm hidden (B,T,D), cap). cap["hidden"][l] is the residual stream
         after block l; cap["q"/"k"/"v"][l] are layer l's post-RoPE q (B,H,T,hd), k and v
-        (B,K,T,hd)."""
+        (B,K,T,hd). documents: None, or the cumulative lengths (n+1,) int32 of documents that
+        tile the flattened B*T tokens, each attending only within itself (document_attention)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
@@ -207,9 +268,9 @@ class Llama(nn.Module):
         cap = {"hidden": {}, "q": {}, "k": {}, "v": {}}
         for i, block in enumerate(self.layers):
             if self.checkpointing and self.training:
-                x, qkv = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, qkv = checkpoint(block, x, cos, sin, documents, use_reentrant=False)
             else:
-                x, qkv = block(x, cos, sin)
+                x, qkv = block(x, cos, sin, documents)
             if i in hidden_layers:
                 cap["hidden"][i] = x
             if i in qkv_layers:

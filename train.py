@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import ckpt
@@ -71,33 +72,29 @@ def cross_entropy(model, x, pos):
 
 def documents_alone(model, x, eos):
     """SDLC's teacher: the final hidden state of each document of the packed windows x (B,T), each
-    run alone from position 0, as the original model was trained. Documents are batched by
-    power-of-two length, so padding at most doubles the work. -> (B*T, D)"""
+    read alone from position 0, as the original model was trained. One forward over the packed
+    windows: each document's positions restart at 0 and its attention stays within it
+    (model.document_attention), so nothing is padded. -> (B*T, D)"""
+    positions, documents = document_layout(x, eos)
+    return model.forward_hidden(x, positions, documents=documents)[0].flatten(0, 1)
+
+
+def document_layout(x, eos):
+    """The documents of packed windows x (B,T): a document ends at its EOS or at its row's end.
+    -> (positions (B,T) from 0 in each document, cumulative lengths (n+1,) int32 over B*T)"""
+    B, T = x.shape
     ends = (x == eos).clone()
-    ends[:, -1] = True
-    documents = []  # (row, start, end) of every document
-    for row, row_ends in enumerate(ends.tolist()):
-        start = 0
-        for t, is_end in enumerate(row_ends):
-            if is_end:
-                documents.append((row, start, t + 1))
-                start = t + 1
-    out = x.new_empty(*x.shape, model.cfg.dim, dtype=model.embed_tokens.weight.dtype)
-    lengths = sorted({padded_length(end - start) for _, start, end in documents})
-    for length in lengths:
-        group = [d for d in documents if padded_length(d[2] - d[1]) == length]
-        batch = torch.full((len(group), length), eos, dtype=x.dtype, device=x.device)
-        for i, (row, start, end) in enumerate(group):
-            batch[i, :end - start] = x[row, start:end]
-        hidden = model.forward_hidden(batch)[0]
-        for i, (row, start, end) in enumerate(group):
-            out[row, start:end] = hidden[i, :end - start]
-    return out.flatten(0, 1)
-
-
-def padded_length(n):
-    """The power of two >= n."""
-    return 1 << (n - 1).bit_length()
+    ends[:, -1] = True  # a row's last document ends with the row
+    is_end = ends.flatten()
+    is_start = torch.roll(is_end, 1)  # the token after an end starts a document
+    is_start[0] = True
+    token = torch.arange(B * T, device=x.device)
+    start_of_document = token[is_start]  # (n,)
+    document = is_start.cumsum(0) - 1  # each token's document, 0..n-1
+    positions = token - start_of_document[document]
+    last = torch.tensor([B * T], device=x.device)
+    cumulative = torch.cat((start_of_document, last)).to(torch.int32)  # (n+1,)
+    return positions.view(B, T), cumulative
 
 
 @torch.no_grad()
@@ -172,7 +169,7 @@ def batch_for(kind, stage, plan, cfg, tokens, starts, window, j, device):
 
 # ---- set-up ----------------------------------------------------------------------------------
 
-def select_layers(plan, cfg, student, teacher, tokens, device, rank, world):
+def select_layers(plan, cfg, student, teacher, tokens, device, rank, world, autocast):
     """LongReD: per layer, KL(A_teacher || A_student) of the attention rows, averaged over
     cfg.select_texts T_orig texts (split over ranks, then all-reduced); the M largest plus the
     last layer. -> tuple of block indices"""
@@ -183,7 +180,7 @@ def select_layers(plan, cfg, student, teacher, tokens, device, rank, world):
         x, pos = data.windows(tokens, plan.orig, 1, cfg.seed, 2**62 + text, 0)
         x = torch.as_tensor(x, device=device)
         pos = torch.as_tensor(pos, device=device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast:  # as training runs: bf16 maps, fp32 sums
             cap_t = teacher(lambda m: m.forward_hidden(x, pos, qkv_layers=every)[1])
             cap_s = student(lambda m: m.forward_hidden(x, pos, qkv_layers=every)[1])
             kl_sum += torch.tensor(distill.attention_kl_per_layer(cap_t, cap_s, every),
@@ -229,7 +226,7 @@ def build(cfg, plan, dtype, device):
         student.set_rope(plan.theta, plan.scaling, max_pos=cfg.target)
     student.checkpointing = cfg.checkpointing
     teacher.checkpointing = cfg.checkpointing
-    if cfg.compile:
+    if compile_blocks(cfg, device):
         for block in [*student.layers, *teacher.layers]:
             block.compile()  # in place: names and state_dict keys stay the HF ones
     student = Call(student.to(device))
@@ -241,6 +238,32 @@ def build(cfg, plan, dtype, device):
             fully_shard(block, mp_policy=mp)
         fully_shard(student, mp_policy=mp)
     return student, teacher
+
+
+def compile_blocks(cfg, device):
+    """Whether to torch.compile each block: on CUDA unless --no-compile, on CPU with --compile.
+    Where torch.compile cannot run (no Triton, no C compiler) one line says why and the run goes
+    on eager."""
+    wanted = cfg.compile or (device.type == "cuda" and not cfg.no_compile)
+    if not wanted:
+        return False
+    problem = compile_problem(device)
+    if problem:
+        print(f"train.py: torch.compile cannot run here ({problem}); running eager "
+              f"(--no-compile skips this trial)", file=sys.stderr)
+        return False
+    return True
+
+
+def compile_problem(device):
+    """None if a trial torch.compile runs on device, else the error in one line."""
+    try:
+        trial = torch.compile(lambda t: F.silu(t) * t, fullgraph=True)
+        trial(torch.ones(8, device=device))
+    except Exception as error:  # any failure: eager is correct, only slower
+        lines = str(error).strip().splitlines() or [""]
+        return f"{type(error).__name__}: {lines[0][:160]}"
+    return None
 
 
 def optimizer(student, cfg):
@@ -264,8 +287,10 @@ class Run:
     teacher: Call
     core: Llama               # the student itself
     opt: torch.optim.Optimizer
-    tokens: object
+    tokens: object            # --data: every stream but the long windows
     starts: object
+    long_tokens: object       # --long-data (or --data): the long windows
+    long_starts: object
     autocast: object
     meta: dict = None         # what a --resume must match (ckpt.meta_of)
     init_cfg: LlamaConfig = None
@@ -365,7 +390,12 @@ def micro_step(run, stage, step, i, window):
     cfg = run.cfg
     j = (step * stage.accum + i) * run.world + run.rank  # global micro index: as 1 process
     kind = stage.kinds[i * run.world + run.rank]
-    x, pos = batch_for(kind, stage, run.plan, cfg, run.tokens, run.starts, window, j, run.device)
+    tokens = run.tokens
+    starts = run.starts
+    if kind == "long":
+        tokens = run.long_tokens
+        starts = run.long_starts
+    x, pos = batch_for(kind, stage, run.plan, cfg, tokens, starts, window, j, run.device)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + j)  # the skipped ids of j
     sync = nullcontext()
     if i < stage.accum - 1 and hasattr(run.student, "no_sync"):
@@ -459,21 +489,32 @@ def prepare(cfg):
     student, teacher = build(cfg, plan, dtype, device)
     # the optimizer before any forward: FSDP2 leaves root parameters unsharded after a no-grad one
     opt = optimizer(student, cfg)
-    if any("L_short" in st.weights for st in plan.stages):
-        layers = select_layers(plan, cfg, student, teacher, tokens, device, rank, world)
-        plan = replace(plan, layers=layers)
-        if cfg.fsdp:
-            student.reshard()
     autocast = nullcontext()
     if dtype != torch.float32:
         autocast = torch.autocast(device.type, dtype)
+    if any("L_short" in st.weights for st in plan.stages):
+        layers = select_layers(plan, cfg, student, teacher, tokens, device, rank, world,
+                               autocast)
+        plan = replace(plan, layers=layers)
+        if cfg.fsdp:
+            student.reshard()
+    starts = data.doc_starts(tokens, eos)
+    long_tokens = tokens
+    long_starts = starts
+    if cfg.long_data:
+        long_tokens = data.load_tokens(cfg.long_data, cfg.init, init_cfg.vocab_size)[0]
+        long_starts = data.doc_starts(long_tokens, eos)
     run = Run(cfg=cfg, plan=plan, rank=rank, world=world, device=device, student=student,
-              teacher=teacher, core=student.model, opt=opt, tokens=tokens,
-              starts=data.doc_starts(tokens, eos), autocast=autocast)
+              teacher=teacher, core=student.model, opt=opt, tokens=tokens, starts=starts,
+              long_tokens=long_tokens, long_starts=long_starts, autocast=autocast)
     run.meta = ckpt.meta_of(cfg, plan, world, tok_hash, tokens, init_cfg)
+    if cfg.long_data:
+        run.meta["long_data_tokens"] = ckpt.data_id(long_tokens)
     run.init_cfg = init_cfg
     if rank == 0:
         print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
+        if cfg.long_data:
+            print(f"long windows from --long-data {cfg.long_data}: {len(long_tokens):,} tokens")
         print(describe(plan, cfg, world))
     return run
 
@@ -564,6 +605,10 @@ def loop(run, start, log):
         if cfg.save_every and done % cfg.save_every == 0 and done < plan.steps:
             state = ckpt.gather(run.student, run.opt)
             ckpt.save(f"{cfg.out}/ckpt", state, done, run.meta, run.rank)
+        if cfg.export_every and done % cfg.export_every == 0 and done < plan.steps:
+            state = ckpt.gather(run.student, run.opt)  # the student as it is now, for eval.py
+            ckpt.export(f"{cfg.out}/step-{done}", state[0], run.core.cfg, run.init_cfg,
+                        run.rank, cfg.init)
     return done
 
 

@@ -148,3 +148,28 @@ def test_checkpoint_dtype_from_either_transformers_key():
     assert LlamaConfig.from_hf({**hf, "dtype": "bfloat16"}).dtype == torch.bfloat16
     assert LlamaConfig.from_hf({**hf, "torch_dtype": "float16"}).dtype == torch.float16
     assert LlamaConfig.from_hf(hf).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_document_attention_is_each_document_alone(device):
+    """Causal attention within each document and none across: equal to SDPA on each document
+    alone (bf16 on CUDA: PyTorch's varlen flash kernel; CPU: one SDPA call per document)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from model import document_attention
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    g = torch.Generator().manual_seed(0)
+    B, H, K, T, hd = 2, 6, 2, 40, 16
+    q, k, v = (torch.randn(B, n, T, hd, generator=g).to(device, dtype) for n in (H, K, K))
+    bounds = [0, 7, 40, 41, 55, 80]  # documents over the flattened B*T = 80 tokens
+    documents = torch.tensor(bounds, dtype=torch.int32, device=device)
+    y = document_attention(q, k, v, documents)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        row = start // T
+        first = start - row * T
+        last = end - row * T
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[row:row + 1, :, first:last], k[row:row + 1, :, first:last],
+            v[row:row + 1, :, first:last], is_causal=True, enable_gqa=True)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-12
+        torch.testing.assert_close(y[row:row + 1, :, first:last], alone, rtol=tol, atol=tol)

@@ -54,6 +54,7 @@ class Call:
     theta: float
     scaling: dict
     grad: bool
+    documents: list = None  # cumulative document lengths over the flattened tokens, if given
 
 
 @pytest.fixture
@@ -62,15 +63,19 @@ def spy(monkeypatch):
     calls = []
     real = Llama.forward_hidden
 
-    def watched(self, tokens, positions=None, hidden_layers=(), qkv_layers=()):
+    def watched(self, tokens, positions=None, hidden_layers=(), qkv_layers=(), documents=None):
         trains = any(p.requires_grad for p in self.parameters())
         pos = positions
         if pos is None:
             pos = torch.arange(tokens.shape[1])
+        bounds = None
+        if documents is not None:
+            bounds = documents.tolist()
         calls.append(Call("student" if trains else "teacher", tokens.clone(),
                           pos.clone().cpu(), tuple(hidden_layers), tuple(qkv_layers),
-                          self.cfg.rope_theta, self.cfg.rope_scaling, torch.is_grad_enabled()))
-        return real(self, tokens, positions, hidden_layers, qkv_layers)
+                          self.cfg.rope_theta, self.cfg.rope_scaling, torch.is_grad_enabled(),
+                          bounds))
+        return real(self, tokens, positions, hidden_layers, qkv_layers, documents)
     monkeypatch.setattr(Llama, "forward_hidden", watched)
     return calls
 
@@ -346,14 +351,14 @@ def test_kd_teacher_alone_student_packed(tiny, tmp_path, spy):
             starts = [0] + [e + 1 for e in ends]
             stops = [e + 1 for e in ends] + [TARGET]
             documents += [strip(row[a:b]) for a, b in zip(starts, stops) if b > a]
-    alone = []
+    alone = []  # each document as the teacher reads it: positions from 0, attention within it
     for call in teacher:
-        assert torch.equal(call.positions, torch.arange(call.tokens.shape[1]))
-        for row in call.tokens:
-            ends = (row == eos).nonzero().flatten().tolist()
-            length = ends[0] + 1 if ends else len(row)
-            assert (row[length:] == eos).all()  # one document, then padding
-            alone.append(strip(row[:length]))
+        assert call.documents is not None  # attention kept within each document
+        tokens = call.tokens.flatten()
+        positions = call.positions.flatten()
+        for start, end in zip(call.documents[:-1], call.documents[1:]):
+            assert torch.equal(positions[start:end], torch.arange(end - start))
+            alone.append(strip(tokens[start:end]))
     assert sorted(alone) == sorted(documents)
 
 

@@ -136,7 +136,8 @@ def test_bad_inputs(tiny, tmp_path):
 
 
 def test_per_document_hidden_equals_each_document_alone(tiny):
-    """SDLC teacher: each packed document runs alone from position 0 (bucketed by length)."""
+    """SDLC teacher: each packed document runs alone from position 0 (one forward over the packed
+    windows, positions restarting and attention kept within each document)."""
     m = Llama.from_pretrained(tiny / "model").eval()
     x = torch.tensor([[5, 6, 0, 7, 8, 9, 10, 0, 3, 4, 5], [1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 0]])
     with torch.no_grad():
@@ -202,12 +203,36 @@ def test_compile_gives_the_same_steps(tiny, tmp_path, monkeypatch):
     backend = {} if torch.cuda.is_available() else {"backend": "aot_eager"}
     monkeypatch.setattr(torch.nn.Module, "compile",
                         lambda self, **kw: compiled.append(compile_(self, **backend)))
+    monkeypatch.setattr(train, "compile_problem", lambda device: None)  # skip the C++ trial
     rows = [run(tiny, tmp_path / str(len(c)), "--method", "longred-c", "--steps", "2", *c)
             for c in ([], ["--compile"])]
     assert len(compiled) == 6  # every block of student and teacher
     for a, b in zip(*rows):
         for k in ("loss_long", "loss_short", "loss_s2l", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-4), k
+
+
+def test_compile_default_and_when_it_cannot_run(monkeypatch, capsys):
+    """CUDA compiles by default (--no-compile: eager), CPU only with --compile; where
+    torch.compile fails, one line says so and the run goes on eager."""
+    monkeypatch.setattr(train, "compile_problem", lambda device: None)
+    cuda = torch.device("cuda")
+    cpu = torch.device("cpu")
+    assert train.compile_blocks(train.parse_args([]), cuda)
+    assert not train.compile_blocks(train.parse_args(["--no-compile"]), cuda)
+    assert not train.compile_blocks(train.parse_args([]), cpu)
+    assert train.compile_blocks(train.parse_args(["--compile"]), cpu)
+
+    def no_triton(*args, **kwargs):
+        raise RuntimeError("Cannot find a working triton installation\nmore detail")
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "compile", no_triton)
+    assert not train.compile_blocks(train.parse_args(["--compile"]), cpu)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py: torch.compile cannot run here (RuntimeError: Cannot find a working "
+                   "triton installation); running eager (--no-compile skips this trial)"]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--compile", "--no-compile"])
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -314,3 +339,40 @@ def test_loss_terms_compose(tiny, tmp_path, losses_seen):
         with pytest.raises(ValueError, match=message):
             train.make_plan(train.parse_args(bad), LlamaConfig.from_json(
                 tiny / "model" / "config.json"), 1)
+
+
+def test_long_data_feeds_the_long_windows_alone(tiny, tmp_path, monkeypatch):
+    """--long-data: the long windows (L_long) read it; short, T_orig, KD and relation streams
+    read --data. The long shard holds tokens 200..255 only, --data tokens 1..255."""
+    rng = np.random.default_rng(1)
+    docs = np.concatenate([np.append(rng.integers(200, 256, 300), 0) for _ in range(40)])
+    (tmp_path / "long").mkdir()
+    data.write_shard(tmp_path / "long" / "a.bin", docs, "00" * 16, 256)
+    seen = []
+    real = train.batch_for
+
+    def watched(kind, *args):
+        x, pos = real(kind, *args)
+        seen.append((kind, x))
+        return x, pos
+    monkeypatch.setattr(train, "batch_for", watched)
+    run(tiny, tmp_path / "run", "--method", "longred-c", "--steps", "2",
+        "--long-data", str(tmp_path / "long"))
+    kinds = {kind for kind, _ in seen}
+    assert kinds == {"long", "short", "orig"}
+    for kind, x in seen:
+        from_long_shard = bool(((x >= 200) | (x == 0)).all())
+        assert from_long_shard == (kind == "long"), kind
+
+
+def test_export_every_writes_the_student_along_the_way(tiny, tmp_path):
+    """--export-every 2 of 4 steps: out/step-2 is the student after step 2 (an HF folder with
+    the scaled RoPE), final/ after step 4; --overwrite removes them."""
+    run(tiny, tmp_path, "--method", "cpt", "--steps", "4", "--export-every", "2")
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2"]
+    middle = Llama.from_pretrained(tmp_path / "step-2")
+    final = Llama.from_pretrained(tmp_path / "final")
+    assert middle.cfg.rope_theta == final.cfg.rope_theta and middle.cfg.max_pos == 256
+    assert not torch.equal(middle.layers[0].mlp.up_proj.weight, final.layers[0].mlp.up_proj.weight)
+    run(tiny, tmp_path, "--method", "cpt", "--steps", "1", "--overwrite")
+    assert not list(tmp_path.glob("step-*"))
