@@ -7,6 +7,7 @@ leaves the last complete checkpoint (as ckpt, or as ckpt.old between the two ren
 """
 import json
 import os
+import re
 import shutil
 import zlib
 
@@ -16,16 +17,21 @@ import torch.distributed as dist
 from model import save_pretrained
 
 META = ("method", "target", "orig", "rope", "abf_theta", "batch_tokens", "micro_tokens", "seed",
-        "train_params", "fsdp")
+        "train_params", "fsdp", "long_data")
 
 
 def meta_of(cfg, plan, world, tok_hash, tokens, init_cfg):
     """What a --resume must match: the config, world size, tokenizer, data (crc32: 4 GB in 1 s)."""
     m = {k: getattr(cfg, k) for k in META}
-    m.update(world=world, tokenizer=tok_hash, data=f"{len(tokens)} tokens, crc32 "
-             f"{zlib.crc32(tokens):08x}", model=json.dumps(init_cfg.to_hf(), sort_keys=True),
+    m.update(world=world, tokenizer=tok_hash, data=data_id(tokens),
+             model=json.dumps(init_cfg.to_hf(), sort_keys=True),
              rope_derived=json.dumps([plan.theta, plan.scaling, plan.phases]))
     return m
+
+
+def data_id(tokens):
+    """The token data as a --resume checks it: its size and crc32."""
+    return f"{len(tokens)} tokens, crc32 {zlib.crc32(tokens):08x}"
 
 
 def gather(student, opt):
@@ -90,7 +96,10 @@ def export(path, msd, model_cfg, init_cfg, rank, init=""):
 
 def clear(out):
     """--overwrite: remove an earlier run's checkpoint, export, log and plot from `out`."""
-    for name in ("ckpt", "ckpt.tmp", "ckpt.old", "final"):
+    exports = []
+    if os.path.isdir(out):
+        exports = [name for name in os.listdir(out) if re.fullmatch(r"step-\d+", name)]
+    for name in ("ckpt", "ckpt.tmp", "ckpt.old", "final", *exports):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     for name in ("log.jsonl", "loss.png"):
         if os.path.exists(os.path.join(out, name)):

@@ -25,6 +25,9 @@ class Config:
     target: int = knob(32768, "the one dial: the context window to reach")
     init: str = knob("assets/smollm2-135m", "HF folder of the original model, or random:SHAPE")
     data: str = knob("assets/tokens", "folder of token shards from `python data.py prepare`")
+    long_data: str = knob("", "token shards for the long windows (L_long, the CE on T_target "
+                          "windows) alone, e.g. assets/tokens-tech; \"\" = --data. Every "
+                          "other stream (short, T_orig, LinearARD's, KD's) reads --data")
     out: str = knob("runs/default", "checkpoints, log.jsonl, loss.png, final/ (the student)")
     orig: int = knob(0, "original window; 0 = the model's max_position_embeddings")
     rope: str = knob("", "none | pi | abf | ntk | yarn | llama3; \"\" = the method's")
@@ -65,8 +68,12 @@ class Config:
     dtype: str = knob("auto", "bfloat16 | float32; auto = bf16 on CUDA, fp32 on CPU")
     fsdp: bool = knob(False, "FSDP2: shard the student (the bf16 teacher is replicated)")
     checkpointing: bool = knob(False, "per-block activation checkpointing")
-    compile: bool = knob(False, "torch.compile each block (fuses RoPE, SwiGLU, norms, casts)")
+    compile: bool = knob(False, "torch.compile each block on CPU too (CUDA compiles by default)")
+    no_compile: bool = knob(False, "run eager on CUDA; by default each block is torch.compiled "
+                            "there (fuses RoPE, SwiGLU, norms, casts; the first steps compile)")
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 = only at the end")
+    export_every: int = knob(0, "also export the student every N steps to out/step-N (HF "
+                             "folders for eval.py: a curve over training); 0 = only final/")
     resume: bool = knob(False, "continue from out/ckpt (refused if the config differs)")
     overwrite: bool = knob(False, "start over in a used --out (its ckpt/, final/ and log go)")
     stop_at: int = knob(0, "save and stop after this step (a job's time limit); 0 = run all")
@@ -314,4 +321,6 @@ def parse_args(argv=None, description=__doc__):
     cfg = Config(**vars(parser.parse_args(argv)))
     if cfg.method not in PRESETS:
         parser.error(f"--method {cfg.method!r}: choose from {', '.join(PRESETS)}")
+    if cfg.compile and cfg.no_compile:
+        parser.error("--compile and --no-compile exclude each other")
     return cfg
