@@ -1,10 +1,14 @@
-"""Performance goals P1, P2, P4 (README, "Performance goals"), both sides of every ratio in one run, and P3's profile.
+"""Performance goals (README, "Performance goals"): both sides of every ratio in one run.
 
 P1: relation KL (Q/Q self, causal, exact) fwd+bwd vs SDPA fwd+bwd (cuDNN, flash, efficient) and a
-dense fp32 reference. P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
+dense fp32 reference; `--blocks` sweeps its tile, `--profile` lists its kernels.
+P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
 P4: the model's own attention call (GQA without repeat, q/k/v as views) vs the best backend.
 P3 (`--only p3 -- TRAIN_ARGS`): train.py's 2nd optimizer step, its GPU time split into attention,
-GEMMs, teacher forward and each loss. `python bench.py --quick` is a CPU smoke test.
+GEMMs, teacher forward and each loss.
+P8 (`--only presets -- TRAIN_ARGS`): every preset trained by train.py as a user runs it, side by
+side: tokens/s, MFU and peak memory from each run's log.jsonl.
+`python bench.py --quick` is a CPU smoke test.
 """
 import argparse
 import json
@@ -12,6 +16,9 @@ import math
 import os
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -23,186 +30,323 @@ LINEARARD_32K_MS = 16386.0  # LinearARD's published Triton kernel, n = 32768, me
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 
 
-def measure(fn, make, reps, dev):
+# ---- timing ----------------------------------------------------------------------------------
+
+def measure(fn, make, reps, device):
     """(median ms, peak extra GiB) of fn(*make()): CUDA events, reps fresh inputs after 2 warm-up
     calls (torch.compile included), peak = max_memory_allocated after reset_peak_memory_stats minus
     memory_allocated just before the call ("n/a" on CPU); "oom"/"n/a" when it cannot run."""
-    cuda, times, peaks = dev.type == "cuda", [], []
+    cuda = device.type == "cuda"
+    times = []
+    peaks = []
     try:
         for _ in range(reps + 2):  # 2 warm-up calls first
             args = make()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-            t0 = time.perf_counter()
-            fn(*args)
-            if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                peaks.append((torch.cuda.max_memory_allocated() - before) / 2**30)
-            times.append(start.elapsed_time(end) if cuda else 1e3 * (time.perf_counter() - t0))
+            milliseconds, peak = one_call(fn, args, cuda)
+            times.append(milliseconds)
+            peaks.append(peak)
             del args
     except torch.OutOfMemoryError:
         return "oom", "oom"
-    except RuntimeError as e:  # e.g. "No available kernel" for an SDPA backend on this device
-        print(f"  n/a: {str(e).splitlines()[0][:120]}")
+    except RuntimeError as error:  # e.g. "No available kernel" for an SDPA backend here
+        print(f"  n/a: {str(error).splitlines()[0][:120]}")
         return "n/a", "n/a"
     finally:
         torch.cuda.empty_cache()  # a no-op without CUDA
-    return statistics.median(times[2:]), max(peaks[2:]) if cuda else "n/a"
+    if not cuda:
+        return statistics.median(times[2:]), "n/a"
+    return statistics.median(times[2:]), max(peaks[2:])
+
+
+def one_call(fn, args, cuda):
+    """(ms, peak extra GiB or None) of fn(*args)."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn(*args)
+        return 1e3 * (time.perf_counter() - t0), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    return start.elapsed_time(end), peak
 
 
 def ratio(a, b):
-    return a / b if isinstance(a, float) and isinstance(b, float) else "n/a"
+    """a / b, or "n/a" when either did not run."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a / b
+    return "n/a"
 
 
-def sdpa_rows(timed, goal, shape, dev, dt, tag=""):
+def sdpa_rows(timed, goal, shape, device, dtype, tag=""):
     """Causal SDPA fwd+bwd on fresh (B,H,T,hd) q, k, v, grad_out, one row per backend."""
-    def run(q, k, v, do, backend):
-        with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-
     def make():  # q, k, v (with grad), grad_out
-        return [torch.randn(*shape, device=dev, dtype=dt, requires_grad=i < 3) for i in range(4)]
-    return {b: timed(goal, f"SDPA {b.split('_')[0].lower()} fwd+bwd{tag}", shape[2],
-                     lambda *x, b=b: run(*x, b), make) for b in BACKENDS}
+        return [torch.randn(*shape, device=device, dtype=dtype, requires_grad=i < 3)
+                for i in range(4)]
 
+    rows = {}
+    for backend in BACKENDS:
+        def run(q, k, v, grad_out, backend=backend):
+            kernel = getattr(torch.nn.attention.SDPBackend, backend)
+            with torch.nn.attention.sdpa_kernel(kernel):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad_out)
+        what = f"SDPA {backend.split('_')[0].lower()} fwd+bwd{tag}"
+        rows[backend] = timed(goal, what, shape[2], run, make)
+    return rows
+
+
+# ---- P1: relation KL -------------------------------------------------------------------------
 
 def dense_relation_kl(xt, xs):
-    """Reference: full (B,H,T,T) fp32 maps, sum_{b,h,i} KL(P_t,i || P_s,i) (in-place where
-    autograd allows, so that n = 8192 may fit)."""
-    T, s = xt.shape[2], xt.shape[-1] ** -0.5
+    """Reference: full (B,H,T,T) fp32 maps, sum_{b,h,i} KL(P_t,i || P_s,i) (in place where
+    autograd allows, so that n = 8192 fits)."""
+    T = xt.shape[2]
+    s = xt.shape[-1] ** -0.5
     causal = torch.ones(T, T, dtype=torch.bool, device=xt.device).tril()
-    lt, ls = ((x.float() @ x.float().mT).mul_(s).masked_fill_(~causal, -math.inf).log_softmax(-1)
-              for x in (xt, xs))
-    return torch.where(causal, lt.exp() * (lt - ls), 0.0).sum()
+    logits_teacher = (xt.float() @ xt.float().mT).mul_(s).masked_fill_(~causal, -math.inf)
+    logits_student = (xs.float() @ xs.float().mT).mul_(s).masked_fill_(~causal, -math.inf)
+    log_p_teacher = logits_teacher.log_softmax(-1)
+    log_p_student = logits_student.log_softmax(-1)
+    kl = log_p_teacher.exp() * (log_p_teacher - log_p_student)
+    return torch.where(causal, kl, 0.0).sum()
 
 
-def exactness(xt, xs, kw):
-    """Relative error of our loss and gradient (bf16 in, fp32 accumulate) vs dense fp32 maps."""
+def exactness(xt, xs, keywords):
+    """Relative error of our loss and gradient (bf16 in, fp32 accumulation) vs dense fp32 maps."""
     try:
-        loss = distill.relation_kl(xt, xs, **kw)
-        g, = torch.autograd.grad(loss, xs)
-        x32 = xs.detach().float().requires_grad_()
-        ref = dense_relation_kl(xt, x32)
-        g_ref, = torch.autograd.grad(ref, x32)
+        loss = distill.relation_kl(xt, xs, **keywords)
+        grad, = torch.autograd.grad(loss, xs)
+        xs_fp32 = xs.detach().float().requires_grad_()
+        reference = dense_relation_kl(xt, xs_fp32)
+        grad_reference, = torch.autograd.grad(reference, xs_fp32)
     except torch.OutOfMemoryError:
         return "oom", "oom"
-    return abs(loss.item() - ref.item()) / ref.item(), ((g.float() - g_ref).norm()
-                                                        / g_ref.norm()).item()
+    loss_error = abs(loss.item() - reference.item()) / reference.item()
+    grad_error = (grad.float() - grad_reference).norm() / grad_reference.norm()
+    return loss_error, grad_error.item()
 
 
-def bench_p1(a, dev, dt, timed, out):
-    heads, d = (2, 32) if a.quick else (32, 128)
-    ns = (128, 256, 512) if a.quick else (4096, 8192, 16384, 32768)
-    kw = {} if a.block is None else {"block": a.block}  # None: relation_kl's default tiles
-    out["p1_lse_source"] = distill.lse_kernel(dev, dt, d) or "tiles"  # relation_kl's row lse
+def relation_pair(heads, n, d, device, dtype):
+    """A fresh teacher and student (1, heads, n, d); the student requires grad."""
+    teacher = torch.randn(1, heads, n, d, device=device, dtype=dtype)
+    student = torch.randn(1, heads, n, d, device=device, dtype=dtype, requires_grad=True)
+    return [teacher, student]
 
-    def pair(n):  # fresh teacher and student (1, heads, n, d); the student requires grad
-        return [torch.randn(1, heads, n, d, device=dev, dtype=dt, requires_grad=g)
-                for g in (False, True)]
+
+def relation_step(xt, xs, keywords):
+    distill.relation_kl(xt, xs, **keywords).backward()
+
+
+def bench_p1(options, device, dtype, timed, out):
+    heads = 2 if options.quick else 32
+    d = 32 if options.quick else 128
+    sizes = options.sizes or ((128, 256, 512) if options.quick else (4096, 8192, 16384, 32768))
+    keywords = {}
+    if options.blocks:
+        keywords["block"] = options.blocks[0]
+    out["p1_lse_source"] = distill.lse_kernel(device, dtype, d) or "tiles"  # pass 1's lse
     ours = {}
-    for n in ns:
-        ours[n] = timed("P1", "relation_kl Q/Q fwd+bwd (ours)", n, lambda xt, xs:
-                        distill.relation_kl(xt, xs, **kw).backward(), lambda: pair(n))
-        sdpa = sdpa_rows(timed, "P1", (1, heads, n, d), dev, dt)
+    for n in sizes:
+        ours[n] = timed("P1", "relation_kl Q/Q fwd+bwd (ours)", n,
+                        lambda xt, xs: relation_step(xt, xs, keywords),
+                        lambda: relation_pair(heads, n, d, device, dtype))
+        sdpa = sdpa_rows(timed, "P1", (1, heads, n, d), device, dtype)
         out[f"p1_ours_over_cudnn_{n}"] = ratio(ours[n][0], sdpa["CUDNN_ATTENTION"][0])
-        if n <= ns[1]:  # dense fp32 reference: 14 GiB at 4096, 56 GiB at 8192
+        if n <= 8192 and not options.sizes:  # dense fp32: 14 GiB at 4096, 56 GiB at 8192
             timed("P1", "relation KL dense fp32 fwd+bwd", n,
-                  lambda xt, xs: dense_relation_kl(xt, xs).backward(), lambda: pair(n))
-    out["p1_peak_ratio_last_two_n"] = ratio(ours[ns[-1]][1], ours[ns[-2]][1])
-    if ns[-1] == 32768:
+                  lambda xt, xs: dense_relation_kl(xt, xs).backward(),
+                  lambda: relation_pair(heads, n, d, device, dtype))
+    largest = sizes[-1]
+    for block in options.blocks[1:]:  # the tile sweep, at the largest size
+        timed("P1", f"relation_kl Q/Q fwd+bwd, tile {block}", largest,
+              lambda xt, xs, block=block: relation_step(xt, xs, {"block": block}),
+              lambda: relation_pair(heads, largest, d, device, dtype))
+    if len(sizes) > 1:
+        out["p1_peak_ratio_last_two_n"] = ratio(ours[sizes[-1]][1], ours[sizes[-2]][1])
+    if largest == 32768:
         out["p1_linearard_over_ours_32k"] = ratio(LINEARARD_32K_MS, ours[32768][0])
-    out[f"p1_rel_err_loss_{ns[0]}"], out[f"p1_rel_err_grad_{ns[0]}"] = exactness(*pair(ns[0]), kw)
+    smallest = sizes[0]
+    errors = exactness(*relation_pair(heads, smallest, d, device, dtype), keywords)
+    out[f"p1_rel_err_loss_{smallest}"] = errors[0]
+    out[f"p1_rel_err_grad_{smallest}"] = errors[1]
+    if options.profile:
+        profile_call(lambda xt, xs: relation_step(xt, xs, keywords),
+                     relation_pair(heads, largest, d, device, dtype))
 
+
+def profile_call(fn, args):
+    """The GPU kernels of one fn(*args) after a warm-up call, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    fn(*args)
+    args[1].grad = None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    print_kernels(prof, 20)
+
+
+def print_kernels(prof, count):
+    """The profile's GPU kernels: the total, then the top `count` by self time."""
+    kernels = [e for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"\nGPU kernels: {total / 1e3:.1f} ms in all")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:count]:
+        share = e.self_device_time_total / max(total, 1)
+        print(f"  {e.self_device_time_total / 1e3:9.2f} ms {share:6.1%} x{e.count:<5} "
+              f"{e.key[:90]}")
+
+
+# ---- P2: logit KD ----------------------------------------------------------------------------
 
 def gemm_only(hs, ht, ws, wt, chunk):
     """The floor of chunked KD: 4 GEMMs per chunk (teacher logits, student logits, dH, dW)."""
-    gh, gw = torch.empty_like(hs), torch.zeros_like(ws)
+    grad_h = torch.empty_like(hs)
+    grad_w = torch.zeros_like(ws)
     for c0 in range(0, hs.shape[0], chunk):
         h = hs[c0:c0 + chunk]
-        _, zs = ht[c0:c0 + chunk] @ wt.T, h @ ws.T
-        torch.mm(zs, ws, out=gh[c0:c0 + chunk])
-        gw.addmm_(zs.T, h)
+        ht[c0:c0 + chunk] @ wt.T  # the teacher's logits (discarded)
+        logits_student = h @ ws.T
+        torch.mm(logits_student, ws, out=grad_h[c0:c0 + chunk])
+        grad_w.addmm_(logits_student.T, h)
 
 
 def naive_kd(hs, ht, ws, wt):
     """Full-vocabulary KL with (T,V) fp32 logits and autograd."""
-    lt, ls = (ht @ wt.T).float().log_softmax(-1), (hs @ ws.T).float().log_softmax(-1)
-    (lt.exp() * (lt - ls)).sum(-1).mean().backward()
+    log_p_teacher = (ht @ wt.T).float().log_softmax(-1)
+    log_p_student = (hs @ ws.T).float().log_softmax(-1)
+    kl = log_p_teacher.exp() * (log_p_teacher - log_p_student)
+    kl.sum(-1).mean().backward()
 
 
-def bench_p2(a, dev, dt, timed, out):
-    T, V, H, tn = (512, 1000, 64, 128) if a.quick else (32768, 128256, 4096, 4096)
+def kd_inputs(tokens, hidden, vocab, grad, device, dtype):
+    """hs, ht (tokens, hidden), ws, wt (vocab, hidden); the student's may require grad."""
+    hs = (0.02 * torch.randn(tokens, hidden, device=device)).to(dtype)
+    ht = (0.02 * torch.randn(tokens, hidden, device=device)).to(dtype)
+    ws = (0.02 * torch.randn(vocab, hidden, device=device)).to(dtype)
+    wt = (0.02 * torch.randn(vocab, hidden, device=device)).to(dtype)
+    return hs.requires_grad_(grad), ht, ws.requires_grad_(grad), wt
 
-    def make(t, grad):  # hs, ht (t, H), ws, wt (V, H); the student side may require grad
-        r = [(0.02 * torch.randn(*s, device=dev)).to(dt) for s in ((t, H), (t, H), (V, H), (V, H))]
-        return r[0].requires_grad_(grad), r[1], r[2].requires_grad_(grad), r[3]
+
+def kd_step(hs, ht, ws, wt, chunk):
+    distill.logit_kd(hs, ht, ws, wt, chunk=chunk).backward()
+
+
+def bench_p2(options, device, dtype, timed, out):
+    T = 512 if options.quick else 32768
+    V = 1000 if options.quick else 128256
+    H = 64 if options.quick else 4096
+    naive_T = 128 if options.quick else 4096
     ours = timed("P2", "logit_kd fwd+bwd (ours)", T,
-                 lambda *x: distill.logit_kd(*x, chunk=a.chunk).backward(), lambda: make(T, True))
-    gemm = timed("P2", "GEMM-only chunk loop", T, lambda *x: gemm_only(*x, a.chunk),
-                 lambda: make(T, False))
-    naive = timed("P2", "naive full-vocab KL fwd+bwd", tn, naive_kd, lambda: make(tn, True))
-    out["p2_ours_over_gemm"], out["p2_ours_peak_gib"] = ratio(ours[0], gemm[0]), ours[1]
-    out[f"p2_naive_extrapolated_{T}_ms"] = ratio(naive[0], tn / T)  # both linear in T
-    out[f"p2_naive_extrapolated_{T}_gib"] = ratio(naive[1], tn / T)
+                 lambda *x: kd_step(*x, options.chunk),
+                 lambda: kd_inputs(T, H, V, True, device, dtype))
+    gemm = timed("P2", "GEMM-only chunk loop", T,
+                 lambda *x: gemm_only(*x, options.chunk),
+                 lambda: kd_inputs(T, H, V, False, device, dtype))
+    naive = timed("P2", "naive full-vocab KL fwd+bwd", naive_T, naive_kd,
+                  lambda: kd_inputs(naive_T, H, V, True, device, dtype))
+    out["p2_ours_over_gemm"] = ratio(ours[0], gemm[0])
+    out["p2_ours_peak_gib"] = ours[1]
+    out[f"p2_naive_extrapolated_{T}_ms"] = ratio(naive[0], naive_T / T)  # both linear in T
+    out[f"p2_naive_extrapolated_{T}_gib"] = ratio(naive[1], naive_T / T)
 
 
-def bench_p4(a, dev, dt, timed, out):
+# ---- P4: attention inside the model ----------------------------------------------------------
+
+def bench_p4(options, device, dtype, timed, out):
     """The SDPA call of model.Attention on a Llama-1B layer at 32K (32 q / 8 kv heads, d 64), as
     the model makes it, vs each backend on contiguous, repeated k/v (the usual standalone call)."""
-    B, T, H, K, hd = (1, 256, 4, 2, 16) if a.quick else (1, 32768, 32, 8, 64)
+    B = 1
+    T = 32768
+    H = 32
+    K = 8
+    hd = 64
+    if options.quick:
+        T = 256
+        H = 4
+        K = 2
+        hd = 16
 
-    def model_like():  # (B,T,H*hd) projections viewed as (B,H,T,hd), as model.Attention does
-        x = [torch.randn(B, T, n * hd, device=dev, dtype=dt, requires_grad=True) for n in (H, K, K)]
-        do = torch.randn(B, H, T, hd, device=dev, dtype=dt)
-        return [t.view(B, T, -1, hd).transpose(1, 2) for t in x] + [do]
+    def model_like():  # (B,T,heads*hd) projections viewed as (B,heads,T,hd), as the model does
+        projections = [torch.randn(B, T, heads * hd, device=device, dtype=dtype,
+                                   requires_grad=True) for heads in (H, K, K)]
+        grad_out = torch.randn(B, H, T, hd, device=device, dtype=dtype)
+        views = [p.view(B, T, -1, hd).transpose(1, 2) for p in projections]
+        return views + [grad_out]
 
-    def ours(q, k, v, do):
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(do)
-    r = timed("P4", "model attention (GQA views) fwd+bwd", T, ours, model_like)
-    sdpa = sdpa_rows(timed, "P4", (B, H, T, hd), dev, dt, f" (H = {H} k/v)")
-    best = min((b[0] for b in sdpa.values() if isinstance(b[0], float)), default="n/a")
-    out["p4_best_over_model"] = ratio(best, r[0])
+    def ours(q, k, v, grad_out):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad_out)
+    model_call = timed("P4", "model attention (GQA views) fwd+bwd", T, ours, model_like)
+    sdpa = sdpa_rows(timed, "P4", (B, H, T, hd), device, dtype, f" (H = {H} k/v)")
+    timings = [row[0] for row in sdpa.values() if isinstance(row[0], float)]
+    best = min(timings, default="n/a")
+    out["p4_best_over_model"] = ratio(best, model_call[0])
 
+
+# ---- P3: a training step's profile -----------------------------------------------------------
 
 def profile_p3(train_args):
     """Profile the 2nd optimizer step of `train.py TRAIN_ARGS`; GPU time by category."""
     import train
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-    def label(obj, name, tag):  # run obj.name inside a profiler range named tag()
-        f = getattr(obj, name)
-        setattr(obj, name, lambda *x, **k: record_function(tag())(f)(*x, **k))
+    def label(owner, name, tag):  # run owner.name inside a profiler range named tag()
+        original = getattr(owner, name)
+
+        def labelled(*args, **kwargs):
+            with record_function(tag()):
+                return original(*args, **kwargs)
+        setattr(owner, name, labelled)
     losses = {"hidden_cosine_loss": "loss short", "s2l_loss": "loss s2l",
               "relation_loss": "loss rel", "logit_kd": "loss CE/KD (LM head)"}
-    for fn, tag in losses.items():  # train.py calls distill.X
-        label(distill, fn, lambda tag=tag: tag)
-    label(train.Llama, "forward_hidden",  # the teacher runs without grad, the student with
-          lambda: "student fwd" if torch.is_grad_enabled() else "teacher fwd")
+    for function, tag in losses.items():  # train.py calls distill.X
+        label(distill, function, lambda tag=tag: tag)
+
+    def model_tag():  # the teacher runs without grad, the student with
+        if torch.is_grad_enabled():
+            return "student fwd"
+        return "teacher fwd"
+    label(train.Llama, "forward_hidden", model_tag)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                    schedule=schedule(wait=1, warmup=0, active=1))
-    step = torch.optim.AdamW.step
-    torch.optim.AdamW.step = lambda self, *x, **k: (step(self, *x, **k), prof.step())[0]
+    adamw_step = torch.optim.AdamW.step
+
+    def step_and_tick(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        prof.step()
+        return result
+    torch.optim.AdamW.step = step_and_tick
     with prof:
         train.main(train_args)
-    ev, kind = prof.key_averages(), torch.autograd.DeviceType
-    ranges = ["teacher fwd", "student fwd", *losses.values()]  # record_function labels
-    gpu = [e for e in ev if e.device_type == kind.CUDA  # kernels, memcpy
+    print_p3(prof, ["teacher fwd", "student fwd", *losses.values()])
+
+
+def print_p3(prof, ranges):
+    """GPU time of the profiled step: attention and GEMM kernels, and each labelled range."""
+    events = prof.key_averages()
+    cuda = torch.autograd.DeviceType.CUDA
+    cpu = torch.autograd.DeviceType.CPU
+    gpu = [e for e in events if e.device_type == cuda  # kernels, memcpy
            and e.key not in ranges and not e.key.startswith("ProfilerStep")]
     total = sum(e.self_device_time_total for e in gpu) or float("nan")
     print(f"\nP3 profile of one optimizer step: GPU busy {total / 1e3:.0f} ms")
-    attn, gemm = r"flash|fmha|cudnn|attention|sdpa", r"gemm|cutlass|nvjet|xmma"
-    parts = {"attention kernels": sum(e.self_device_time_total for e in gpu
-                                      if re.search(attn, e.key, re.I)),
-             "GEMM kernels": sum(e.self_device_time_total for e in gpu if re.search(
-                 gemm, e.key, re.I) and not re.search(attn, e.key, re.I))}
+    attention = r"flash|fmha|cudnn|attention|sdpa"
+    gemm = r"gemm|cutlass|nvjet|xmma"
+    parts = {}
+    parts["attention kernels"] = sum(e.self_device_time_total for e in gpu
+                                     if re.search(attention, e.key, re.I))
+    parts["GEMM kernels"] = sum(e.self_device_time_total for e in gpu
+                                if re.search(gemm, e.key, re.I)
+                                and not re.search(attention, e.key, re.I))
     for name in ranges:  # forward ranges only: device time under the CPU-side range
-        parts[name + " (fwd range)"] = sum(e.device_time_total for e in ev
-                                           if e.key == name and e.device_type == kind.CPU)
+        parts[name + " (fwd range)"] = sum(e.device_time_total for e in events
+                                           if e.key == name and e.device_type == cpu)
     for name, t in parts.items():
         print(f"  {name:34} {t / 1e3:9.1f} ms {t / total:6.1%}")
     print("  top kernels:")
@@ -210,50 +354,128 @@ def profile_p3(train_args):
         print(f"  {e.self_device_time_total / 1e3:9.1f} ms x{e.count:<6} {e.key[:90]}")
 
 
+# ---- P8: the presets side by side ------------------------------------------------------------
+
+PRESET_ORDER = ("cpt", "mix-cpt", "longred-u", "longred-c", "linearard", "kd")
+
+
+def bench_presets(train_args, presets, out):
+    """Each preset: `train.py --method P TRAIN_ARGS --no-save` in its own process; tokens/s, MFU
+    and peak memory are the medians (the peak: the max) over its steps after the first (which
+    compiles)."""
+    rows = []
+    for preset in presets:
+        with tempfile.TemporaryDirectory() as folder:
+            command = [sys.executable, "train.py", "--method", preset, *train_args,
+                       "--no-save", "--out", folder]
+            print("$", " ".join(command), flush=True)
+            started = time.perf_counter()
+            finished = subprocess.run(command)
+            seconds = time.perf_counter() - started
+            log = read_log(f"{folder}/log.jsonl")
+        if finished.returncode or len(log) < 2:
+            rows.append({"preset": preset, "status": f"exit {finished.returncode}"})
+            continue
+        after_first = log[1:]
+        rows.append({"preset": preset, "steps": len(log), "seconds": seconds,
+                     "tok_s": statistics.median(r["tok_s"] for r in after_first),
+                     "mfu": statistics.median(r.get("mfu", float("nan")) for r in after_first),
+                     "mem_gb": max(r.get("mem_gb", float("nan")) for r in after_first)})
+    out["presets"] = rows
+    out["train_args"] = train_args
+    table(("preset", "tokens/s", "MFU", "peak GiB", "steps", "wall s"),
+          [(r["preset"], r.get("tok_s", r.get("status")), r.get("mfu", ""), r.get("mem_gb", ""),
+            r.get("steps", ""), r.get("seconds", "")) for r in rows])
+
+
+def read_log(path):
+    """The rows of a log.jsonl ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- command line ----------------------------------------------------------------------------
+
 def table(head, rows):
     """A markdown table; floats with 3 significant digits."""
     print(f"\n| {' | '.join(head)} |\n|{'---|' * len(head)}")
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    for row in rows:
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
+        print("| " + " | ".join(cells) + " |")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("p1", "p2", "p3", "p4"), help="run one goal only (p3: "
-                   "profile `train.py TRAIN_ARGS`, given after --)")
-    p.add_argument("train_args", nargs="*", help="with --only p3: train.py arguments")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test, seconds)")
-    p.add_argument("--json", default="out/bench.json", help="where to write the results")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split("x")) if "x" in s
-                   else int(s), help="relation_kl tile, ROWSxCOLS or one edge (default: its own)")
-    p.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
-    a = p.parse_args()
-    if a.only == "p3":
-        return profile_p3(a.train_args)
-    if a.reps < 1:
-        p.error("--reps must be >= 1")
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cpu" and not a.quick:
-        p.error("full shapes need CUDA; use --quick on CPU")
-    dt = torch.float32 if a.quick else torch.bfloat16  # bf16 in, fp32 accumulate
-    rows, out = [], {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "quick": a.quick}
+def tile(text):
+    """'2048x1024' -> (2048, 1024); '1024' -> 1024."""
+    if "x" in text:
+        rows, cols = text.split("x")
+        return int(rows), int(cols)
+    return int(text)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__)
+    parser.add_argument("--only", choices=("p1", "p2", "p3", "p4", "presets"),
+                        help="run one goal only (p3, presets: train.py arguments after --)")
+    parser.add_argument("train_args", nargs="*", help="with --only p3 or presets: train.py "
+                        "arguments")
+    parser.add_argument("--presets", default=",".join(PRESET_ORDER),
+                        help="with --only presets: which, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--json", default="out/bench.json", help="where to write the results")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        help="P1 sequence lengths, comma-separated (default 4K..32K)")
+    parser.add_argument("--blocks", type=lambda s: tuple(tile(v) for v in s.split(",")),
+                        default=(), help="relation_kl tiles ROWSxCOLS, comma-separated: the "
+                        "first for every size, the rest at the largest (default: its own)")
+    parser.add_argument("--profile", action="store_true", help="P1: kernels of one call at the "
+                        "largest size")
+    parser.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
+    options = parser.parse_args(argv)
+    if options.reps < 1:
+        parser.error("--reps must be >= 1")
+    return parser, options
+
+
+def main(argv=None):
+    parser, options = parse_args(argv)
+    out = {"torch": torch.__version__, "quick": options.quick}
+    if options.only == "p3":
+        return profile_p3(options.train_args)
+    if options.only == "presets":
+        bench_presets(options.train_args, options.presets.split(","), out)
+        return write_json(out, options.json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not options.quick:
+        parser.error("full shapes need CUDA; use --quick on CPU")
+    dtype = torch.float32 if options.quick else torch.bfloat16  # bf16 in, fp32 accumulation
+    out["device"] = "cpu"
+    if device.type == "cuda":
+        out["device"] = torch.cuda.get_device_name()
+    rows = []
 
     def timed(goal, what, n, fn, make):  # measure fn(*make()) and add its row to the table
-        rows.append((goal, what, n, *measure(fn, make, a.reps, dev)))
+        rows.append((goal, what, n, *measure(fn, make, options.reps, device)))
         return rows[-1][3:]
-    for goal, fn in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4)):
-        if a.only in (None, goal):
-            fn(a, dev, dt, timed, out)
+    for goal, bench in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4)):
+        if options.only in (None, goal):
+            bench(options, device, dtype, timed, out)
     print(f"\n{out['device']}, torch {out['torch']}")
     table(("goal", "what", "n / T", "ms", "peak GiB"), rows)
     table(("ratio", "value"), [(k, v) for k, v in out.items() if k.startswith("p")])
     out["rows"] = [dict(zip(("goal", "what", "n", "ms", "peak_gib"), r)) for r in rows]
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
+    write_json(out, options.json)
+
+
+def write_json(out, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=1, default=str)
-    print(f"\nwrote {a.json}")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
