@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["original", "pi_x4", "abf", "cpt", "mix-cpt", "longred-u", "longred-c", "linearard",
-         "linearard+cpt", "kd"]
+ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "mix-cpt", "longred-u", "longred-c",
+         "linearard", "linearard+cpt", "kd", "longred-c+rel", "longred-c+kd"]
 
 
 def load(out):

@@ -23,14 +23,22 @@ else
   orig=8192; target=32768; tokens=4194304; batch=262144; rel=2359296; limit=500; samples=3
   lengths=8192,16384,32768; toy=(); lard=(); rel_batch=()
 fi
+# A regime (results/forget.sh) may set: TOKENS, BATCH, LIMIT (items per short task), LR (every
+# trained row's peak learning rate), LONG_DATA (token shards of the long windows alone),
+# EXPORT_EVERY (CPT rows: the student every N steps, for the curve).
+tokens=${TOKENS:-$tokens}; batch=${BATCH:-$batch}; limit=${LIMIT:-$limit}
+regime=()
+[ -n "${LONG_DATA:-}" ] && regime+=(--long-data "$LONG_DATA")
+regime_lr=()  # LinearARD keeps its own recipe's
+[ -n "${LR:-}" ] && regime_lr=(--lr "$LR")
 
 train() {  # ROW, then train.py arguments
   local row=$1; shift
   [ -f "$out/runs/$row/final/config.json" ] && return  # done
   local resume=()  # stopped (SIGTERM, e.g. `timeout`): rerunning the script continues the run
   [ -d "$out/runs/$row/ckpt" ] && resume=(--resume)
-  python train.py --init "$base" --target $target "${toy[@]}" --out "$out/runs/$row" "$@" \
-    "${resume[@]}"
+  python train.py --init "$base" --target $target "${toy[@]}" "${regime[@]}" \
+    --out "$out/runs/$row" "$@" "${resume[@]}"
 }
 
 evaluate() {  # ROW, then the model arguments of eval.py
@@ -42,20 +50,52 @@ evaluate() {  # ROW, then the model arguments of eval.py
     --samples $samples --lengths $lengths "${ref[@]}" --name "$row" --out "$out/eval/$row"
 }
 
+curve() {  # ROW: evaluate its students exported along the way (EXPORT_EVERY), short and long
+  local row=$1
+  for step in "$out/runs/$row"/step-*; do
+    [ -d "$step" ] || continue
+    local dest="$out/curve/$row/$(basename "$step")"
+    [ -f "$dest/row.md" ] && continue  # written once every suite has finished
+    python eval.py --model "$step" --teacher "$base" --tokenizer "$base" --t-orig $orig \
+      --suite short,long --limit $limit --samples $samples --lengths $lengths \
+      --reference "$out/eval/original/results.json" --name "$row $(basename "$step")" \
+      --out "$dest"
+  done
+}
+
 for row in $rows; do
-  lr=()
-  [ "${row%@*}" = "$row" ] || lr=(--lr "${row#*@}")
-  case ${row%@*} in
+  lr=("${regime_lr[@]}")  # ROW@LR: that peak learning rate; ROW.sN: seed N
+  name=${row%@*}
+  [ "$name" = "$row" ] || lr=(--lr "${row#*@}")
+  seed=()
+  [ "${name%.s*}" = "$name" ] || seed=(--seed "${name##*.s}")
+  name=${name%.s*}
+  curve=()
+  [ -n "${EXPORT_EVERY:-}" ] && [ "$name" = cpt ] && curve=(--export-every "$EXPORT_EVERY")
+  case $name in
     original) evaluate $row --model "$base" --rope none --target $target; continue ;;
     pi_x4) evaluate $row --model "$base" --rope pi --target $target; continue ;;
     abf) evaluate $row --model "$base" --rope abf --target $target; continue ;;
+    yarn) evaluate $row --model "$base" --rope yarn --target $target; continue ;;
     cpt|mix-cpt|longred-u|longred-c|kd)
-      train $row --method ${row%@*} --tokens $tokens --batch-tokens $batch "${lr[@]}" ;;
-    linearard) train $row --method linearard "${lard[@]}" "${lr[@]}" ;;
+      train $row --method $name --tokens $tokens --batch-tokens $batch "${lr[@]}" "${seed[@]}" \
+        "${curve[@]}" ;;
+    longred-c+rel)  # combined: LongReD-C's three terms plus LinearARD's relation KL
+      train $row --method longred-c --loss L_long=1,L_short=5,L_s2l=10,L_rel=1 \
+        --mix long=4,short=3,orig=1,rel=1 --tokens $tokens --batch-tokens $batch "${lr[@]}" \
+        "${seed[@]}" ;;
+    longred-c+kd)  # combined: LongReD-C's three terms plus SDLC's logit KD
+      train $row --method longred-c --loss L_long=1,L_short=5,L_s2l=10,L_kd=1 \
+        --mix long=4,short=3,orig=1,kd=1 --tokens $tokens --batch-tokens $batch "${lr[@]}" \
+        "${seed[@]}" ;;
+    linearard)
+      [ "$name" = "$row" ] && lr=()  # no ROW@LR: the recipe's learning rate
+      train $row --method linearard "${lard[@]}" "${lr[@]}" "${seed[@]}" ;;
     linearard+cpt)  # the relation stage runs LinearARD's recipe, then CPT's budget and batch
       train $row --method linearard+cpt --rel-tokens $rel "${rel_batch[@]}" --tokens $tokens \
         --batch-tokens $batch "${lr[@]}" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   evaluate $row --model "$out/runs/$row/final"
+  [ ${#curve[@]} -eq 0 ] || curve $row
 done
