@@ -352,15 +352,20 @@ def phase_at(plan, stage, step):
     return plan.phases[k]
 
 
-def flops(kind, B, T, c):
+def flops(kind, B, T, c, teacher_span=None):
     """Model FLOPs of a micro-step (config c): per token the student does 6N + 6 L T d_attn
-    (attention causal-halved), the teacher 2N + 2 L T d_attn; N counts the matmul weights: per
-    layer q, o (D d_attn each), k, v (D K hd each), gate, up, down (D F each), and the head V D."""
+    (attention causal-halved), the teacher 2N + 2 L T' d_attn with T' = teacher_span (default T;
+    SDLC's teacher reads documents of at most T_orig); N counts the matmul weights: per layer q,
+    o (D d_attn each), k, v (D K hd each), gate, up, down (D F each), and the head V D."""
     d_attn = c.n_heads * c.head_dim
     N = c.n_layers * (2 * c.dim * d_attn + 2 * c.dim * c.n_kv_heads * c.head_dim
                       + 3 * c.dim * c.ffn_dim) + c.vocab_size * c.dim
+    if teacher_span is None:
+        teacher_span = T
     student = 6 * N + 6 * c.n_layers * T * d_attn
-    teacher = 0 if kind == "long" else 2 * N + 2 * c.n_layers * T * d_attn
+    teacher = 2 * N + 2 * c.n_layers * teacher_span * d_attn
+    if kind == "long":
+        teacher = 0
     return B * T * (student + teacher)
 
 
@@ -405,7 +410,10 @@ def micro_step(run, stage, step, i, window):
         loss, values = run.student(student_loss, kind, stage.weights, targets, x, pos,
                                    run.plan, cfg, gen)
         (loss / stage.accum).backward()
-    return kind, values, flops(kind, *x.shape, run.core.cfg)
+    teacher_span = None
+    if kind == "kd":  # the teacher attends within documents of at most T_orig tokens
+        teacher_span = min(x.shape[1], run.plan.orig)
+    return kind, values, flops(kind, *x.shape, run.core.cfg, teacher_span)
 
 
 def train_step(step, run):

@@ -246,6 +246,7 @@ def test_flops_count_every_matmul_weight(tie):
     d_attn, T = 6 * 8, 5
     assert train.flops("long", 3, T, cfg) == 3 * T * (6 * N + 6 * 2 * T * d_attn)
     assert train.flops("short", 3, T, cfg) == 3 * T * (8 * N + 8 * 2 * T * d_attn)
+    assert train.flops("kd", 3, T, cfg, 2) == 3 * T * (8 * N + (6 * T + 2 * 2) * 2 * d_attn)
 
 
 
