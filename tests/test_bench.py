@@ -32,8 +32,8 @@ def test_quick_relation_kl_with_a_tile_sweep(tmp_path):
 @pytest.mark.slow
 def test_presets_side_by_side(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "presets.json"
-    bench("--only", "presets", "--presets", "cpt,linearard", "--json", str(out), "--",
-          "--init", str(tiny / "model"), "--data", str(tiny / "tokens"), *ARGS, "--steps", "3")
+    bench("--only", "presets", "--presets", "linearard", "--json", str(out), "--",
+          "--init", str(tiny / "model"), "--data", str(tiny / "tokens"), *ARGS, "--steps", "2")
     rows = json.loads(out.read_text())["presets"]
-    assert [row["preset"] for row in rows] == ["cpt", "linearard"]
-    assert all(row["tok_s"] > 0 and row["steps"] == 3 for row in rows)
+    assert [row["preset"] for row in rows] == ["linearard"]
+    assert rows[0]["tok_s"] > 0 and rows[0]["steps"] == 2
