@@ -45,14 +45,9 @@ def relation_kl(xt, xs, yt=None, ys=None, block=RELATION_TILE, compile=None):
     if compile is None:
         compile = xs.is_cuda
     device_type = xs.device.type
-    if torch.is_autocast_enabled(device_type):
-        # as an nn.Linear would be: a student with fp32 master weights hands over fp32 q (its
-        # RoPE runs in fp32), which would make every tile GEMM an fp32 one (10x slower)
-        autocast_dtype = torch.get_autocast_dtype(device_type)
-        xt = _to_dtype(xt, autocast_dtype)
-        xs = _to_dtype(xs, autocast_dtype)
-        yt = _to_dtype(yt, autocast_dtype)
-        ys = _to_dtype(ys, autocast_dtype)
+    # a student with fp32 master weights hands over fp32 q (its RoPE runs in fp32), which would
+    # make every tile GEMM an fp32 one (10x slower)
+    xt, xs, yt, ys = _autocast_inputs(device_type, xt, xs, yt, ys)
     with torch.autocast(device_type, enabled=False):
         return distill_fast.relation_kl_fast(xt, xs, yt, ys, int(block_rows), int(block_cols),
                                              bool(compile))
@@ -288,18 +283,22 @@ def logit_kd(hs, ht, ws, wt, chunk=2048, temperature=1.0, targets=None, ce_weigh
     Under autocast the four are cast to its dtype as nn.Linear's would be (fp32 master weights
     made these GEMMs fp32: 21% of a 1B step); the loop then runs with autocast off (fp32 sums)."""
     device_type = hs.device.type
-    if torch.is_autocast_enabled(device_type):
-        autocast_dtype = torch.get_autocast_dtype(device_type)
-        hs = _to_dtype(hs, autocast_dtype)
-        ht = _to_dtype(ht, autocast_dtype)
-        ws = _to_dtype(ws, autocast_dtype)
-        wt = _to_dtype(wt, autocast_dtype)
+    hs, ht, ws, wt = _autocast_inputs(device_type, hs, ht, ws, wt)
     _check_kd_inputs(hs, ht, ws, wt, chunk, temperature, targets, ce_weight)
     if compile is None:
         compile = hs.is_cuda
     with torch.autocast(device_type, enabled=False):
         return _LogitKD.apply(hs, ht, ws, wt, int(chunk), float(temperature), targets,
                               float(ce_weight), bool(compile))
+
+
+def _autocast_inputs(device_type, *tensors):
+    """The tensors cast to the autocast dtype when autocast is on, as an nn.Linear's inputs would
+    be; as they are otherwise (None stays None)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    autocast_dtype = torch.get_autocast_dtype(device_type)
+    return tuple(_to_dtype(tensor, autocast_dtype) for tensor in tensors)
 
 
 def _to_dtype(tensor, dtype):
