@@ -52,7 +52,7 @@ def main(out, row="cpt", start_row="abf"):
     if not curve:
         raise SystemExit(f"curve.py: nothing evaluated for {row} in {out}")
     lengths = curve[-1][1]["long"]["lengths"]
-    head = ["step", "short avg, % of original", *[f"passkey {n // 1024}K" for n in lengths]]
+    head = ["step", "short avg, % of original", *[f"passkey {n / 1024:g}K" for n in lengths]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     steps = []
     ratios = []
@@ -84,7 +84,7 @@ def plot(out, row, steps, ratios, errors, passkeys):
     short_axis.set(xlabel="optimizer step", ylabel="short average, % of the original",
                    title=f"{row}: short tasks")
     for n, accuracy in passkeys.items():
-        passkey_axis.plot(steps, accuracy, marker="o", label=f"{n // 1024}K")
+        passkey_axis.plot(steps, accuracy, marker="o", label=f"{n / 1024:g}K")
     passkey_axis.set(xlabel="optimizer step", ylabel="passkey accuracy %", ylim=(-5, 105),
                      title=f"{row}: passkey")
     passkey_axis.legend()

@@ -13,12 +13,15 @@
 # Each row trains TOKENS (default 16.8M: 64 steps of 262,144) and is evaluated with LIMIT (1000)
 # items per short task; CPT also exports its student every EXPORT_EVERY (16) steps for the curve
 # (python results/curve.py OUT).
+#   SMOKE=1 TOKENS=8192 bash results/forget.sh OUT cpt   (CPU: table.sh's toy sizes, 2 steps)
 set -eu
 here=$(dirname "$0")
 export LONG_DATA=${LONG_DATA:-assets/tokens-tech}
 export LR=${LR:-3e-4}
-export TOKENS=${TOKENS:-16777216}
-export BATCH=${BATCH:-262144}
-export LIMIT=${LIMIT:-1000}
+if [ -z "${SMOKE:-}" ]; then  # SMOKE keeps table.sh's toy sizes
+  export TOKENS=${TOKENS:-16777216}
+  export BATCH=${BATCH:-262144}
+  export LIMIT=${LIMIT:-1000}
+fi
 export EXPORT_EVERY=${EXPORT_EVERY:-16}
 exec bash "$here/table.sh" "$@"
