@@ -175,7 +175,7 @@ def bench_p1(options, device, dtype, timed, out):
     errors = exactness(*relation_pair(heads, smallest, d, device, dtype), keywords)
     out[f"p1_rel_err_loss_{smallest}"] = errors[0]
     out[f"p1_rel_err_grad_{smallest}"] = errors[1]
-    if options.profile:
+    if options.profile and device.type == "cuda":
         profile_call(lambda xt, xs: relation_step(xt, xs, keywords),
                      relation_pair(heads, largest, d, device, dtype))
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from model import save_pretrained
 
 META = ("method", "target", "orig", "rope", "abf_theta", "batch_tokens", "micro_tokens", "seed",
-        "train_params", "fsdp", "long_data")
+        "train_params", "fsdp")
 
 
 def meta_of(cfg, plan, world, tok_hash, tokens, init_cfg):
@@ -69,10 +69,11 @@ def load(path, student, opt, meta):
     else:
         raise FileNotFoundError(f"--resume: no checkpoint at {path}/state.pt")
     ck = torch.load(f"{p}/state.pt", map_location="cpu", weights_only=False, mmap=True)
-    for k, v in meta.items():
-        if ck["meta"].get(k) != v:
+    for k in {**ck["meta"], **meta}:  # a key on one side only (e.g. --long-data) differs too
+        if ck["meta"].get(k) != meta.get(k):
             raise ValueError(f"--resume: checkpoint {p} was made with {k}={ck['meta'].get(k)!r}, "
-                             f"this run has {k}={v!r}; use the same setting or another --out")
+                             f"this run has {k}={meta.get(k)!r}; use the same setting or another "
+                             f"--out")
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(student, opt, model_state_dict=ck["model"], optim_state_dict=ck["optim"],

@@ -130,16 +130,16 @@ def read_shard(path, tokenizer_hash: str = None, vocab_size: int = None) -> np.m
     return np.memmap(path, np.uint32, "r", HEADER, (h["n_tokens"],))
 
 
-def load_tokens(folder, tokenizer_dir, vocab_size):
+def load_tokens(folder, tokenizer_dir, vocab_size, flag="--data"):
     """All shards of `folder` (not its heldout/), checked against the model's tokenizer and vocab.
     -> (tokens, tokenizer hash or None, eos id or 0); with no tokenizer only the vocab is checked.
     """
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"--data {folder}: no such folder; run `python data.py setup` or "
+        raise FileNotFoundError(f"{flag} {folder}: no such folder; run `python data.py setup` or "
                                 "`python data.py prepare --out DIR your_texts`")
     shards = sorted(Path(folder).glob("*.bin"))
     if not shards:
-        raise FileNotFoundError(f"--data {folder}: no .bin token shards in it")
+        raise FileNotFoundError(f"{flag} {folder}: no .bin token shards in it")
     try:
         enc = load_tokenizer(tokenizer_dir)
         tok_hash = tokenizer_hash(enc)

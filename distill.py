@@ -181,8 +181,9 @@ def relation_loss(cap_t, cap_s, layers, kinds=("q", "k", "v"), norm="own",
 
     Relations of one shape and one divisor B T heads_X are terms of one sum, so they are stacked
     along the batch axis and go through relation_kl together: a few large calls instead of one
-    small call per layer and kind (3 L of them). A call stacks as many as keep its fp32 tile of
-    logits (stacked rows x tile) within tile_elements (1 GiB by default)."""
+    small call per layer and kind (3 L of them). A call stacks as many as keep one fp32 tile of
+    logits (stacked rows x tile) within tile_elements (1 GiB by default); a tile step holds a few
+    such tensors at once (two logit tiles, D, the compiled body's), so plan for ~4 GiB."""
     if norm not in ("own", "query") or not layers:
         raise ValueError(f'need norm "own" or "query" and >= 1 layer, got {norm!r}, {layers}')
     by_shape = {}  # (shape, divisor) -> the relations that share them, as (kind, layer)

@@ -151,9 +151,10 @@ class Attention(nn.Module):
 
 def document_attention(q, k, v, documents):
     """Causal attention within each document of the flattened B*T tokens, none across: q
-    (B,H,T,hd), k and v (B,K,T,hd), documents = cumulative lengths (n+1,) int32. -> (B,H,T,hd)
+    (B,H,T,hd), k and v (B,K,T,hd), documents = cumulative lengths (n+1,) int32 from 0 to B*T,
+    no document crossing a row (so none is longer than T). -> (B,H,T,hd)
     One variable-length flash call on CUDA in half precision (PyTorch's varlen_attn); elsewhere
-    one SDPA call per document."""
+    (CPU, fp32) one SDPA call per document."""
     B, H, T, hd = q.shape
     K = k.shape[1]
     q_tokens = q.transpose(1, 2).reshape(B * T, H, hd)  # (B*T, H, hd), varlen's layout
@@ -164,10 +165,14 @@ def document_attention(q, k, v, documents):
     else:
         y_tokens = torch.empty_like(q_tokens)
         bounds = documents.tolist()
+        if bounds[0] != 0 or bounds[-1] != B * T:
+            raise ValueError(f"documents must run from 0 to B*T = {B * T}, got {bounds}")
         for start, end in zip(bounds[:-1], bounds[1:]):
-            y = F.scaled_dot_product_attention(  # (heads, length, hd) per document
-                q_tokens[start:end].transpose(0, 1), k_tokens[start:end].transpose(0, 1),
-                v_tokens[start:end].transpose(0, 1), is_causal=True, enable_gqa=K != H)
+            q_document = q_tokens[start:end].transpose(0, 1)  # (H, length, hd)
+            k_document = k_tokens[start:end].transpose(0, 1)  # (K, length, hd)
+            v_document = v_tokens[start:end].transpose(0, 1)
+            y = F.scaled_dot_product_attention(q_document, k_document, v_document,
+                                               is_causal=True, enable_gqa=K != H)
             y_tokens[start:end] = y.transpose(0, 1)
     return y_tokens.view(B, T, H, hd).transpose(1, 2)
 

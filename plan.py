@@ -73,7 +73,8 @@ class Config:
                             "there (fuses RoPE, SwiGLU, norms, casts; the first steps compile)")
     save_every: int = knob(0, "optimizer steps between checkpoints; 0 = only at the end")
     export_every: int = knob(0, "also export the student every N steps to out/step-N (HF "
-                             "folders for eval.py: a curve over training); 0 = only final/")
+                             "folders for eval.py: a curve over training; not with --no-save); "
+                             "0 = only final/")
     resume: bool = knob(False, "continue from out/ckpt (refused if the config differs)")
     overwrite: bool = knob(False, "start over in a used --out (its ckpt/, final/ and log go)")
     stop_at: int = knob(0, "save and stop after this step (a job's time limit); 0 = run all")

@@ -248,17 +248,20 @@ def compile_blocks(cfg, device):
     if not wanted:
         return False
     problem = compile_problem(device)
-    if problem:
+    if problem and int(os.environ.get("RANK", "0")) == 0:
         print(f"train.py: torch.compile cannot run here ({problem}); running eager "
               f"(--no-compile skips this trial)", file=sys.stderr)
-        return False
-    return True
+    return problem is None
+
+
+def compile_trial(t):
+    return F.silu(t) * t
 
 
 def compile_problem(device):
     """None if a trial torch.compile runs on device, else the error in one line."""
     try:
-        trial = torch.compile(lambda t: F.silu(t) * t, fullgraph=True)
+        trial = torch.compile(compile_trial, fullgraph=True)
         trial(torch.ones(8, device=device))
     except Exception as error:  # any failure: eager is correct, only slower
         lines = str(error).strip().splitlines() or [""]
@@ -352,21 +355,23 @@ def phase_at(plan, stage, step):
     return plan.phases[k]
 
 
-def flops(kind, B, T, c, teacher_span=None):
-    """Model FLOPs of a micro-step (config c): per token the student does 6N + 6 L T d_attn
-    (attention causal-halved), the teacher 2N + 2 L T' d_attn with T' = teacher_span (default T;
-    SDLC's teacher reads documents of at most T_orig); N counts the matmul weights: per layer q,
-    o (D d_attn each), k, v (D K hd each), gate, up, down (D F each), and the head V D."""
+def flops(kind, B, T, c, teacher_attention=None):
+    """Model FLOPs of a micro-step of B windows of T tokens (config c). The student does
+    6N + 6 L T d_attn per token (attention causal-halved). The teacher does 2N per token and
+    2 L d_attn n^2 per sequence of n tokens it attends over: teacher_attention = sum n^2, by
+    default B T^2 (SDLC's teacher attends within each packed document). N counts the matmul
+    weights: per layer q, o (D d_attn each), k, v (D K hd each), gate, up, down (D F each), and
+    the head V D."""
     d_attn = c.n_heads * c.head_dim
     N = c.n_layers * (2 * c.dim * d_attn + 2 * c.dim * c.n_kv_heads * c.head_dim
                       + 3 * c.dim * c.ffn_dim) + c.vocab_size * c.dim
-    if teacher_span is None:
-        teacher_span = T
-    student = 6 * N + 6 * c.n_layers * T * d_attn
-    teacher = 2 * N + 2 * c.n_layers * teacher_span * d_attn
+    if teacher_attention is None:
+        teacher_attention = B * T * T
+    student = B * T * (6 * N + 6 * c.n_layers * T * d_attn)
+    teacher = B * T * 2 * N + 2 * c.n_layers * d_attn * teacher_attention
     if kind == "long":
         teacher = 0
-    return B * T * (student + teacher)
+    return student + teacher
 
 
 def all_reduce_step(sums, rank, world, stop):
@@ -410,10 +415,11 @@ def micro_step(run, stage, step, i, window):
         loss, values = run.student(student_loss, kind, stage.weights, targets, x, pos,
                                    run.plan, cfg, gen)
         (loss / stage.accum).backward()
-    teacher_span = None
-    if kind == "kd":  # the teacher attends within documents of at most T_orig tokens
-        teacher_span = min(x.shape[1], run.plan.orig)
-    return kind, values, flops(kind, *x.shape, run.core.cfg, teacher_span)
+    teacher_attention = None
+    if kind == "kd":  # the teacher attends within each document: sum of length^2
+        lengths = document_layout(x, run.plan.eos)[1].diff().double()
+        teacher_attention = (lengths * lengths).sum()  # on the device: read after the step
+    return kind, values, flops(kind, *x.shape, run.core.cfg, teacher_attention)
 
 
 def train_step(step, run):
@@ -475,7 +481,7 @@ def log_row(run, stage, step, terms, sums, slots, norm, seconds, model_flops):
         if sums[1, i] > 0:
             row[f"loss_{term[2:]}"] = float(sums[0, i] / sums[1, i])
     if run.device.type == "cuda":
-        row["mfu"] = model_flops / seconds / 989.4e12
+        row["mfu"] = float(model_flops) / seconds / 989.4e12
         row["mem_gb"] = slots[1].max().item()
         row["mem_reserved_gb"] = slots[2].max().item()
     return row
@@ -510,7 +516,8 @@ def prepare(cfg):
     long_tokens = tokens
     long_starts = starts
     if cfg.long_data:
-        long_tokens = data.load_tokens(cfg.long_data, cfg.init, init_cfg.vocab_size)[0]
+        long_tokens = data.load_tokens(cfg.long_data, cfg.init, init_cfg.vocab_size,
+                                       flag="--long-data")[0]
         long_starts = data.doc_starts(long_tokens, eos)
     run = Run(cfg=cfg, plan=plan, rank=rank, world=world, device=device, student=student,
               teacher=teacher, core=student.model, opt=opt, tokens=tokens, starts=starts,
@@ -523,6 +530,8 @@ def prepare(cfg):
         print(f"world {world}, device {device}, dtype {dtype}, {len(tokens):,} training tokens")
         if cfg.long_data:
             print(f"long windows from --long-data {cfg.long_data}: {len(long_tokens):,} tokens")
+        if cfg.long_data and not any("long" in stage.kinds for stage in plan.stages):
+            print(f"note: --long-data is unused: {cfg.method} trains on no long windows")
         print(describe(plan, cfg, world))
     return run
 
@@ -608,16 +617,23 @@ def loop(run, start, log):
             if "mfu" in row:
                 shown["mfu"] = f"{row['mfu']:.1%}"
             bar.set_postfix(shown)
-        if stop or done == cfg.stop_at:
-            break
-        if cfg.save_every and done % cfg.save_every == 0 and done < plan.steps:
-            state = ckpt.gather(run.student, run.opt)
-            ckpt.save(f"{cfg.out}/ckpt", state, done, run.meta, run.rank)
-        if cfg.export_every and done % cfg.export_every == 0 and done < plan.steps:
+        state = None  # gathered at most once a step
+        if due(cfg.export_every, done, plan.steps) and not cfg.no_save:
             state = ckpt.gather(run.student, run.opt)  # the student as it is now, for eval.py
             ckpt.export(f"{cfg.out}/step-{done}", state[0], run.core.cfg, run.init_cfg,
                         run.rank, cfg.init)
+        if stop or done == cfg.stop_at:
+            break
+        if due(cfg.save_every, done, plan.steps):
+            if state is None:
+                state = ckpt.gather(run.student, run.opt)
+            ckpt.save(f"{cfg.out}/ckpt", state, done, run.meta, run.rank)
     return done
+
+
+def due(every, done, steps):
+    """Whether a periodic save or export falls after step `done` (the last step has its own)."""
+    return every > 0 and done % every == 0 and done < steps
 
 
 def finish(run, done, log, log_path):

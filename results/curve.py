@@ -1,8 +1,9 @@
 """The forgetting curve from the outputs of results/forget.sh (or table.sh with EXPORT_EVERY).
 
-    python results/curve.py OUT [ROW]   ->  OUT/curve_ROW.md, OUT/curve_ROW.png   (ROW: cpt)
+    python results/curve.py OUT [ROW [START]]  ->  OUT/curve_ROW.md, OUT/curve_ROW.png
 
-Step 0 is the original model with the row's RoPE and no training (OUT/eval/abf for the ABF rows);
+ROW (default cpt) is a trained row; START (default abf) the row evaluated as its step 0: the
+original model with the row's RoPE and no training (abf for the ABF rows);
 then each exported student (OUT/curve/ROW/step-N) and the final one (OUT/eval/ROW). Per point: the
 short average as % of the original's, with its binomial standard error, and passkey accuracy at
 each length.
@@ -93,4 +94,6 @@ def plot(out, row, steps, ratios, errors, passkeys):
 
 
 if __name__ == "__main__":
+    if not 2 <= len(sys.argv) <= 4:
+        raise SystemExit("usage: python results/curve.py OUT [ROW [START]]")
     main(*sys.argv[1:])

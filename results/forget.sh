@@ -13,7 +13,8 @@
 # Each row trains TOKENS (default 16.8M: 64 steps of 262,144) and is evaluated with LIMIT (1000)
 # items per short task; CPT also exports its student every EXPORT_EVERY (16) steps for the curve
 # (python results/curve.py OUT).
-#   SMOKE=1 TOKENS=8192 bash results/forget.sh OUT cpt   (CPU: table.sh's toy sizes, 2 steps)
+#   SMOKE=1 TOKENS=8192 EXPORT_EVERY=1 bash results/forget.sh OUT original abf cpt
+#                                               (CPU: table.sh's toy sizes, 2 steps, the curve)
 set -eu
 here=$(dirname "$0")
 export LONG_DATA=${LONG_DATA:-assets/tokens-tech}

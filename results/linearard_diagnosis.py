@@ -9,8 +9,8 @@ trained LinearARD student) and --texts windows of --length tokens from --data:
     KL_rel(X_l) / (B T heads_X)     per layer l and relation X in {q, k, v}
 
 (distill.relation_kl, heads_X the relation's own heads), their mean over layers, and LinearARD's
-L_rel (distill.relation_loss: the sum over X of those means) under both normalisations, own and
-query (K/K and V/V divided by the query heads). Writes
+L_rel (the sum over X of those means, as distill.relation_loss computes it; a test checks they
+agree) under both normalisations, own and query (K/K and V/V divided by the query heads). Writes
 OUT/linearard_diagnosis.json and .md. A trained student's row against its untrained start shows
 which relations the training restored.
 """

@@ -89,11 +89,11 @@ for row in $rows; do
         --mix long=4,short=3,orig=1,kd=1 --tokens $tokens --batch-tokens $batch "${lr[@]}" \
         "${seed[@]}" ;;
     linearard)
-      [ "$name" = "$row" ] && lr=()  # no ROW@LR: the recipe's learning rate
+      [ "${row%@*}" = "$row" ] && lr=()  # no ROW@LR: the recipe's learning rate
       train $row --method linearard "${lard[@]}" "${lr[@]}" "${seed[@]}" ;;
     linearard+cpt)  # the relation stage runs LinearARD's recipe, then CPT's budget and batch
       train $row --method linearard+cpt --rel-tokens $rel "${rel_batch[@]}" --tokens $tokens \
-        --batch-tokens $batch "${lr[@]}" ;;
+        --batch-tokens $batch "${lr[@]}" "${seed[@]}" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   evaluate $row --model "$out/runs/$row/final"

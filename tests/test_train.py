@@ -246,7 +246,9 @@ def test_flops_count_every_matmul_weight(tie):
     d_attn, T = 6 * 8, 5
     assert train.flops("long", 3, T, cfg) == 3 * T * (6 * N + 6 * 2 * T * d_attn)
     assert train.flops("short", 3, T, cfg) == 3 * T * (8 * N + 8 * 2 * T * d_attn)
-    assert train.flops("kd", 3, T, cfg, 2) == 3 * T * (8 * N + (6 * T + 2 * 2) * 2 * d_attn)
+    lengths = [2, 3]  # the teacher's documents: 2 L d_attn n^2 each
+    kd = train.flops("kd", 1, T, cfg, sum(n * n for n in lengths))
+    assert kd == T * (8 * N + 6 * 2 * T * d_attn) + 2 * 2 * d_attn * (4 + 9)
 
 
 
@@ -364,6 +366,14 @@ def test_long_data_feeds_the_long_windows_alone(tiny, tmp_path, monkeypatch):
     for kind, x in seen:
         from_long_shard = bool(((x >= 200) | (x == 0)).all())
         assert from_long_shard == (kind == "long"), kind
+    monkeypatch.undo()
+    out = tmp_path / "stopped"
+    run(tiny, out, "--method", "cpt", "--steps", "2", "--stop-at", "1",
+        "--long-data", str(tmp_path / "long"))
+    with pytest.raises(ValueError, match="long_data_tokens"):  # a resume without it is refused
+        run(tiny, out, "--method", "cpt", "--steps", "2", "--resume")
+    with pytest.raises(FileNotFoundError, match="--long-data"):
+        run(tiny, tmp_path / "other", "--long-data", str(tmp_path / "missing"))
 
 
 def test_export_every_writes_the_student_along_the_way(tiny, tmp_path):
@@ -377,3 +387,6 @@ def test_export_every_writes_the_student_along_the_way(tiny, tmp_path):
     assert not torch.equal(middle.layers[0].mlp.up_proj.weight, final.layers[0].mlp.up_proj.weight)
     run(tiny, tmp_path, "--method", "cpt", "--steps", "1", "--overwrite")
     assert not list(tmp_path.glob("step-*"))
+    run(tiny, tmp_path, "--method", "cpt", "--steps", "4", "--export-every", "2", "--stop-at",
+        "2", "--overwrite")  # a stop on an export step still exports it
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2"]
