@@ -135,6 +135,18 @@ def test_bad_inputs(tiny, tmp_path):
         train.parse_args(["--method", "longrope"])
 
 
+def test_document_positions_restart_and_sum_to_the_squares():
+    """Positions restart after each EOS and at each row; sum (2p + 1) = sum of length^2 (the
+    KD teacher's attention in train.flops)."""
+    x = torch.tensor([[5, 6, 0, 7, 8, 9, 10, 0, 3, 4, 5], [1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 0]])
+    positions, cumulative = train.document_layout(x, 0)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2],
+                                  [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]
+    assert cumulative.tolist() == [0, 3, 8, 11, 17, 22]
+    lengths = [3, 5, 3, 6, 5]
+    assert (2 * positions + 1).sum().item() == sum(n * n for n in lengths)
+
+
 def test_per_document_hidden_equals_each_document_alone(tiny):
     """SDLC teacher: each packed document runs alone from position 0 (one forward over the packed
     windows, positions restarting and attention kept within each document)."""
