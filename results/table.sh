@@ -24,13 +24,15 @@ else
   lengths=8192,16384,32768; toy=(); lard=(); rel_batch=()
 fi
 # A regime (results/forget.sh) may set: TOKENS, BATCH, LIMIT (items per short task), LR (every
-# trained row's peak learning rate), LONG_DATA (token shards of the long windows alone),
-# EXPORT_EVERY (CPT rows: the student every N steps, for the curve).
+# trained row's peak learning rate), WARMUP (linear warm-up steps with that LR), LONG_DATA (token
+# shards of the long windows alone), EXPORT_EVERY (CPT rows: the student every N steps, for the
+# curve). LinearARD's relation stage keeps its own recipe's learning rate and warm-up.
 tokens=${TOKENS:-$tokens}; batch=${BATCH:-$batch}; limit=${LIMIT:-$limit}
 regime=()
 [ -n "${LONG_DATA:-}" ] && regime+=(--long-data "$LONG_DATA")
 regime_lr=()  # LinearARD keeps its own recipe's
 [ -n "${LR:-}" ] && regime_lr=(--lr "$LR")
+[ -n "${WARMUP:-}" ] && regime_lr+=(--warmup "$WARMUP")
 
 train() {  # ROW, then train.py arguments
   local row=$1; shift
@@ -66,7 +68,10 @@ curve() {  # ROW: evaluate its students exported along the way (EXPORT_EVERY), s
 for row in $rows; do
   lr=("${regime_lr[@]}")  # ROW@LR: that peak learning rate; ROW.sN: seed N
   name=${row%@*}
-  [ "$name" = "$row" ] || lr=(--lr "${row#*@}")
+  if [ "$name" != "$row" ]; then
+    lr=(--lr "${row#*@}")
+    [ -n "${WARMUP:-}" ] && lr+=(--warmup "$WARMUP")
+  fi
   seed=()
   [ "${name%.s*}" = "$name" ] || seed=(--seed "${name##*.s}")
   name=${name%.s*}
