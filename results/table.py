@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "mix-cpt", "longred-u", "longred-c",
+ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "cpt-general", "mix-cpt", "longred-u", "longred-c",
          "linearard", "linearard+cpt", "kd", "longred-c+rel", "longred-c+kd"]
 
 

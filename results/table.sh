@@ -8,9 +8,10 @@
 #
 # Rows: original pi_x4 abf (untrained), cpt mix-cpt longred-u longred-c (same token budget),
 # linearard (its paper's recipe: 144 steps x 16,384 tokens), linearard+cpt (that, then the CPT
-# budget), kd (SDLC phases, same budget as CPT). ROW@LR trains ROW's method at peak learning
-# rate LR instead of 2e-5 (e.g. longred-c@1e-4). Trained students go to OUT/runs/ROW/final,
-# evaluations to OUT/eval/ROW/.
+# budget), kd (SDLC phases, same budget as CPT); also yarn (untrained), cpt-general (CPT without
+# LONG_DATA), longred-c+rel and longred-c+kd (combined recipes). ROW@LR trains ROW's method at
+# peak learning rate LR instead of 2e-5 (e.g. longred-c@1e-4). Trained students go to
+# OUT/runs/ROW/final, evaluations to OUT/eval/ROW/.
 set -eu
 out=$1; shift
 rows=${*:-original pi_x4 abf cpt mix-cpt longred-u longred-c linearard linearard+cpt kd}
@@ -28,8 +29,8 @@ fi
 # shards of the long windows alone), EXPORT_EVERY (CPT rows: the student every N steps, for the
 # curve). LinearARD's relation stage keeps its own recipe's learning rate and warm-up.
 tokens=${TOKENS:-$tokens}; batch=${BATCH:-$batch}; limit=${LIMIT:-$limit}
-regime=()
-[ -n "${LONG_DATA:-}" ] && regime+=(--long-data "$LONG_DATA")
+long_data=()  # the long windows' text; row cpt-general keeps --data's
+[ -n "${LONG_DATA:-}" ] && long_data=(--long-data "$LONG_DATA")
 regime_lr=()  # LinearARD keeps its own recipe's
 [ -n "${LR:-}" ] && regime_lr=(--lr "$LR")
 [ -n "${WARMUP:-}" ] && regime_lr+=(--warmup "$WARMUP")
@@ -39,7 +40,7 @@ train() {  # ROW, then train.py arguments
   [ -f "$out/runs/$row/final/config.json" ] && return  # done
   local resume=()  # stopped (SIGTERM, e.g. `timeout`): rerunning the script continues the run
   [ -d "$out/runs/$row/ckpt" ] && resume=(--resume)
-  python train.py --init "$base" --target $target "${toy[@]}" "${regime[@]}" \
+  python train.py --init "$base" --target $target "${toy[@]}" "${row_long_data[@]}" \
     --out "$out/runs/$row" "$@" "${resume[@]}"
 }
 
@@ -67,6 +68,7 @@ curve() {  # ROW: evaluate its students exported along the way (EXPORT_EVERY), s
 
 for row in $rows; do
   lr=("${regime_lr[@]}")  # ROW@LR: that peak learning rate; ROW.sN: seed N
+  row_long_data=("${long_data[@]}")
   name=${row%@*}
   if [ "$name" != "$row" ]; then
     lr=(--lr "${row#*@}")
@@ -82,6 +84,10 @@ for row in $rows; do
     pi_x4) evaluate $row --model "$base" --rope pi --target $target; continue ;;
     abf) evaluate $row --model "$base" --rope abf --target $target; continue ;;
     yarn) evaluate $row --model "$base" --rope yarn --target $target; continue ;;
+    cpt-general)  # CPT whose long windows read the general corpus (--data), not LONG_DATA: in
+                  # the forgetting regime it separates the long text's effect from the lr's
+      row_long_data=()
+      train $row --method cpt --tokens $tokens --batch-tokens $batch "${lr[@]}" "${seed[@]}" ;;
     cpt|mix-cpt|longred-u|longred-c|kd)
       train $row --method $name --tokens $tokens --batch-tokens $batch "${lr[@]}" "${seed[@]}" \
         "${curve[@]}" ;;

@@ -66,7 +66,7 @@ def test_table_sh_gives_the_regime_to_every_row_but_linearards_recipe(tmp_path):
 
 
 def test_forget_sh_defaults_are_the_measured_regime(tmp_path):
-    calls = commands(tmp_path, "forget.sh", ["cpt", "longred-c"], {})
+    calls = commands(tmp_path, "forget.sh", ["cpt", "longred-c", "cpt-general"], {})
     cpt = training_of(calls, "cpt")
     assert (value(cpt, "--lr"), value(cpt, "--warmup")) == ("2e-3", "8")
     assert (value(cpt, "--tokens"), value(cpt, "--batch-tokens")) == ("8388608", "262144")
@@ -75,5 +75,9 @@ def test_forget_sh_defaults_are_the_measured_regime(tmp_path):
     longred = training_of(calls, "longred-c")
     assert value(longred, "--export-every") is None
     assert value(longred, "--lr") == "2e-3"
+    general = training_of(calls, "cpt-general")  # the regime's lr, the general corpus
+    assert value(general, "--long-data") is None and value(general, "--method") == "cpt"
+    assert (value(general, "--lr"), value(general, "--tokens")) == ("2e-3", "8388608")
+    assert value(longred, "--long-data") == "assets/tokens-tech"
     evaluations = [call for call in calls if call[0] == "eval.py"]
     assert {value(call, "--limit") for call in evaluations} == {"1000"}
