@@ -9,9 +9,11 @@
 # Rows: original pi_x4 abf (untrained), cpt mix-cpt longred-u longred-c (same token budget),
 # linearard (its paper's recipe: 144 steps x 16,384 tokens), linearard+cpt (that, then the CPT
 # budget), kd (SDLC phases, same budget as CPT); also yarn (untrained), cpt-general (CPT without
-# LONG_DATA), longred-c+rel and longred-c+kd (combined recipes). ROW@LR trains ROW's method at
-# peak learning rate LR instead of 2e-5 (e.g. longred-c@1e-4). Trained students go to
-# OUT/runs/ROW/final, evaluations to OUT/eval/ROW/.
+# LONG_DATA), longred-c+rel and longred-c+kd (combined recipes), and LinearARD diagnosed:
+# linearard-query (its code's normalisation), linearard-abf and linearard-yarn (another student's
+# RoPE), linearard-long (4x its steps, a curve; python results/curve.py OUT linearard-long pi_x4).
+# ROW@LR trains ROW's method at peak learning rate LR instead of 2e-5 (e.g. longred-c@1e-4).
+# Trained students go to OUT/runs/ROW/final, evaluations to OUT/eval/ROW/.
 set -eu
 out=$1; shift
 rows=${*:-original pi_x4 abf cpt mix-cpt longred-u longred-c linearard linearard+cpt kd}
@@ -19,10 +21,10 @@ base=${BASE:-assets/smollm2-135m}
 if [ -n "${SMOKE:-}" ]; then
   orig=256; target=1024; tokens=4096; batch=4096; rel=4096; limit=4; samples=1
   lengths=256,1024; toy=(--orig 256 --micro-tokens 1024 --short-len 64)
-  lard=(--tokens 1024 --batch-tokens 1024); rel_batch=(--rel-batch-tokens 1024)
+  lard=(--tokens 1024 --batch-tokens 1024); lard_steps=1; rel_batch=(--rel-batch-tokens 1024)
 else
   orig=8192; target=32768; tokens=4194304; batch=262144; rel=2359296; limit=500; samples=3
-  lengths=8192,16384,32768; toy=(); lard=(); rel_batch=()
+  lengths=8192,16384,32768; toy=(); lard=(); lard_steps=144; rel_batch=()
 fi
 # A regime (results/forget.sh) may set: TOKENS, BATCH, LIMIT (items per short task), LR (every
 # trained row's peak learning rate), WARMUP (linear warm-up steps with that LR), LONG_DATA (token
@@ -99,9 +101,18 @@ for row in $rows; do
       train $row --method longred-c --loss L_long=1,L_short=5,L_s2l=10,L_kd=1 \
         --mix long=4,short=3,orig=1,kd=1 --tokens $tokens --batch-tokens $batch "${lr[@]}" \
         "${seed[@]}" ;;
-    linearard)
+    linearard|linearard-query|linearard-abf|linearard-yarn|linearard-long)
       [ "${row%@*}" = "$row" ] && lr=()  # no ROW@LR: the recipe's learning rate
-      train $row --method linearard "${lard[@]}" "${lr[@]}" "${seed[@]}" ;;
+      variant=()  # LinearARD diagnosed: one change to its recipe per row
+      case $name in
+        linearard-query) variant=(--rel-norm query) ;;  # K/K and V/V by the query heads, as its code
+        linearard-abf) variant=(--rope abf) ;;          # the recipe on another scaling's student
+        linearard-yarn) variant=(--rope yarn) ;;
+        linearard-long)  # 4x the recipe's steps; the student exported after each recipe's worth
+          variant=(--steps $((4 * lard_steps)) --export-every $lard_steps)
+          curve=(--export-every $lard_steps) ;;
+      esac
+      train $row --method linearard "${lard[@]}" "${lr[@]}" "${seed[@]}" "${variant[@]}" ;;
     linearard+cpt)  # the relation stage runs LinearARD's recipe, then CPT's budget and batch
       train $row --method linearard+cpt --rel-tokens $rel "${rel_batch[@]}" --tokens $tokens \
         --batch-tokens $batch "${lr[@]}" "${seed[@]}" ;;

@@ -65,6 +65,20 @@ def test_table_sh_gives_the_regime_to_every_row_but_linearards_recipe(tmp_path):
                for call in evaluations)
 
 
+def test_table_sh_linearard_diagnosis_rows_change_one_thing_each(tmp_path):
+    rows = ["linearard", "linearard-query", "linearard-abf", "linearard-yarn", "linearard-long"]
+    calls = commands(tmp_path, "table.sh", rows, {"LR": "2e-3", "WARMUP": "8"})
+    recipe = training_of(calls, "linearard")
+    for row, change in [("linearard-query", ["--rel-norm", "query"]),
+                        ("linearard-abf", ["--rope", "abf"]), ("linearard-yarn", ["--rope", "yarn"]),
+                        ("linearard-long", ["--steps", "576", "--export-every", "144"])]:
+        call = training_of(calls, row)
+        out = call.index("--out")
+        assert call[:out] == recipe[:out]  # the same init and target
+        assert call[out + 2:] == recipe[out + 2:] + change  # the recipe, and one change
+    assert value(recipe, "--lr") is None and value(recipe, "--warmup") is None
+
+
 def test_forget_sh_defaults_are_the_measured_regime(tmp_path):
     calls = commands(tmp_path, "forget.sh", ["cpt", "longred-c", "cpt-general"], {})
     cpt = training_of(calls, "cpt")
