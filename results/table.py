@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "cpt-general", "mix-cpt", "longred-u", "longred-c",
-         "linearard", "linearard+cpt", "kd", "longred-c+rel", "longred-c+kd", "linearard-query",
-         "linearard-abf", "linearard-yarn", "linearard-long"]
+ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "cpt-general", "mix-cpt", "longred-u",
+         "longred-c", "linearard", "linearard+cpt", "kd", "longred-c+rel", "longred-c+kd",
+         "linearard-query", "linearard-abf", "linearard-yarn", "linearard-long"]
 
 
 def load(out):

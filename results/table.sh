@@ -33,9 +33,10 @@ fi
 tokens=${TOKENS:-$tokens}; batch=${BATCH:-$batch}; limit=${LIMIT:-$limit}
 long_data=()  # the long windows' text; row cpt-general keeps --data's
 [ -n "${LONG_DATA:-}" ] && long_data=(--long-data "$LONG_DATA")
-regime_lr=()  # LinearARD keeps its own recipe's
-[ -n "${LR:-}" ] && regime_lr=(--lr "$LR")
-[ -n "${WARMUP:-}" ] && regime_lr+=(--warmup "$WARMUP")
+warmup=()
+[ -n "${WARMUP:-}" ] && warmup=(--warmup "$WARMUP")
+regime_lr=("${warmup[@]}")  # LinearARD keeps its own recipe's
+[ -n "${LR:-}" ] && regime_lr=(--lr "$LR" "${warmup[@]}")
 
 train() {  # ROW, then train.py arguments
   local row=$1; shift
@@ -72,10 +73,7 @@ for row in $rows; do
   lr=("${regime_lr[@]}")  # ROW@LR: that peak learning rate; ROW.sN: seed N
   row_long_data=("${long_data[@]}")
   name=${row%@*}
-  if [ "$name" != "$row" ]; then
-    lr=(--lr "${row#*@}")
-    [ -n "${WARMUP:-}" ] && lr+=(--warmup "$WARMUP")
-  fi
+  [ "$name" = "$row" ] || lr=(--lr "${row#*@}" "${warmup[@]}")
   seed=()
   [ "${name%.s*}" = "$name" ] || seed=(--seed "${name##*.s}")
   name=${name%.s*}
