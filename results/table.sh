@@ -11,7 +11,8 @@
 # budget), kd (SDLC phases, same budget as CPT); also yarn (untrained), cpt-general (CPT without
 # LONG_DATA), longred-c+rel and longred-c+kd (combined recipes), and LinearARD diagnosed:
 # linearard-query (its code's normalisation), linearard-abf and linearard-yarn (another student's
-# RoPE), linearard-long (4x its steps, a curve; python results/curve.py OUT linearard-long pi_x4).
+# RoPE), linearard-long (4x its steps, a curve; python results/curve.py OUT linearard-long pi_x4),
+# linearard@LR (its recipe at another learning rate, the recipe's warm-up kept).
 # ROW@LR trains ROW's method at peak learning rate LR instead of 2e-5 (e.g. longred-c@1e-4).
 # Trained students go to OUT/runs/ROW/final, evaluations to OUT/eval/ROW/.
 set -eu
@@ -100,7 +101,8 @@ for row in $rows; do
         --mix long=4,short=3,orig=1,kd=1 --tokens $tokens --batch-tokens $batch "${lr[@]}" \
         "${seed[@]}" ;;
     linearard|linearard-query|linearard-abf|linearard-yarn|linearard-long)
-      [ "${row%@*}" = "$row" ] && lr=()  # no ROW@LR: the recipe's learning rate
+      lr=()  # the recipe's learning rate and warm-up; ROW@LR changes the rate alone
+      [ "${row%@*}" = "$row" ] || lr=(--lr "${row#*@}")
       variant=()  # LinearARD diagnosed: one change to its recipe per row
       case $name in
         linearard-query) variant=(--rel-norm query) ;;  # K/K and V/V by the query heads, as its code

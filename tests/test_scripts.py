@@ -66,9 +66,14 @@ def test_table_sh_gives_the_regime_to_every_row_but_linearards_recipe(tmp_path):
 
 
 def test_table_sh_linearard_diagnosis_rows_change_one_thing_each(tmp_path):
-    rows = ["linearard", "linearard-query", "linearard-abf", "linearard-yarn", "linearard-long"]
+    rows = ["linearard", "linearard-query", "linearard-abf", "linearard-yarn", "linearard-long",
+            "linearard@2e-4"]
     calls = commands(tmp_path, "table.sh", rows, {"LR": "2e-3", "WARMUP": "8"})
     recipe = training_of(calls, "linearard")
+    at_rate = training_of(calls, "linearard@2e-4")  # the rate changes, the recipe's warm-up stays
+    out = at_rate.index("--out")
+    assert at_rate[:out] == recipe[:out]
+    assert at_rate[out + 2:] == recipe[out + 2:] + ["--lr", "2e-4"]
     for row, change in [("linearard-query", ["--rel-norm", "query"]),
                         ("linearard-abf", ["--rope", "abf"]), ("linearard-yarn", ["--rope", "yarn"]),
                         ("linearard-long", ["--steps", "576", "--export-every", "144"])]:
