@@ -45,6 +45,7 @@ class Recipe:
     steps: int = 0            # the paper's step count; 0 = from the token budget
     batch_tokens: int = 2 * 2**20  # LongReD: ~2M tokens per optimizer step
     train_params: str = ""    # regex; "" = all parameters
+    lr: float = 2e-5          # peak AdamW learning rate (LongReD's and LinearARD's)
     warmup: int = 0
     final_lr: float = 1.0     # 1 = constant learning rate (LongReD)
     clip: float = 1.0

@@ -41,7 +41,8 @@ class Config:
     micro_tokens: int = knob(0, "tokens per micro-step per rank; 0 = target (a micro-step "
                              "holds whole windows of its kind)")
     steps: int = knob(0, "optimizer steps of the last stage; 0 = tokens // batch_tokens")
-    lr: float = knob(2e-5, "peak AdamW learning rate (LongReD, LinearARD: 2e-5)")
+    lr: float = knob(0.0, "peak AdamW learning rate of the last stage; 0 = the stage's "
+                          "(LongReD, LinearARD: 2e-5)")
     final_lr: float = knob(0.0, "cosine decay to final_lr x lr; 0 = the stage's (1 = constant)")
     warmup: int = knob(0, "linear warm-up steps; 0 = the stage's (LinearARD: 4)")
     wd: float = knob(-1.0, "AdamW weight decay on matrices; -1 = the stage's (0.1; LinearARD "
@@ -99,6 +100,7 @@ class Stage:
     steps: int
     train_params: str
     warmup: int
+    lr: float
     final_lr: float
     clip: float
     weight_decay: float
@@ -229,6 +231,7 @@ def plan_stage(recipe, last, cfg, windows, weights, world, first_step, data_toke
                  windows={k: windows[k] for k in recipe.mix}, accum=accum, batch_tokens=batch,
                  first_step=first_step, steps=steps,
                  train_params=(user and cfg.train_params) or recipe.train_params,
+                 lr=(user and cfg.lr) or recipe.lr,
                  warmup=(user and cfg.warmup) or recipe.warmup,
                  final_lr=(user and cfg.final_lr) or recipe.final_lr,
                  clip=(user and cfg.clip) or recipe.clip,
@@ -301,7 +304,7 @@ def describe(plan, cfg, world):
                   *[f"    note: {st.requested_batch:,} tokens/step asked; whole windows and "
                     f"whole cycles of the mix on {world} ranks give {st.batch_tokens:,}"]
                   * (st.requested_batch != st.batch_tokens),
-                  f"    trains {st.train_params or 'all parameters'}; warm-up {st.warmup}, "
+                  f"    trains {st.train_params or 'all parameters'}; lr {st.lr:g}, warm-up {st.warmup}, "
                   f"cosine to {st.final_lr:g} x lr, clip {st.clip:g}, "
                   f"wd {st.weight_decay:g}, beta2 {st.beta2:g}"]
     if plan.data_tokens:

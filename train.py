@@ -276,13 +276,13 @@ def compile_problem(device):
     return None
 
 
-def optimizer(student, cfg):
+def optimizer(student):
     """AdamW on every student parameter (a stage's frozen ones get no gradient, and AdamW skips
     them); no weight decay on norms (1-D). Each stage sets its own decay and betas."""
     params = list(student.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups)  # each step sets the learning rate (lr_at)
 
 
 @dataclass
@@ -338,12 +338,14 @@ def enter_stage(run, stage, fresh):
     run.stage = stage
 
 
-def lr_at(local_step, stage, peak_lr):
-    """Linear warm-up, then cosine from lr to final_lr x lr (final_lr = 1: constant, LongReD)."""
+def lr_at(local_step, stage):
+    """Linear warm-up to the stage's peak lr, then cosine from lr to final_lr x lr (final_lr = 1:
+    constant, LongReD)."""
     if local_step < stage.warmup:
-        return peak_lr * (local_step + 1) / stage.warmup
+        return stage.lr * (local_step + 1) / stage.warmup
     t = (local_step - stage.warmup) / max(stage.steps - stage.warmup, 1)
-    return peak_lr * (stage.final_lr + (1 - stage.final_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+    cosine = 0.5 * (1 + math.cos(math.pi * t))
+    return stage.lr * (stage.final_lr + (1 - stage.final_lr) * cosine)
 
 
 def tokens_through(plan, step):
@@ -442,7 +444,7 @@ def train_step(step, run):
         window, theta = phase_at(run.plan, stage, step)
         run.core.set_rope(theta, None, max_pos=run.cfg.target)
     for group in run.opt.param_groups:
-        group["lr"] = lr_at(step - stage.first_step, stage, run.cfg.lr)
+        group["lr"] = lr_at(step - stage.first_step, stage)
     terms = list(stage.weights)
     sums = torch.zeros(2, len(terms), device=run.device, dtype=torch.float64)  # sum, count
     model_flops = 0.0
@@ -509,7 +511,7 @@ def prepare(cfg):
     plan = replace(plan, eos=eos)
     student, teacher = build(cfg, plan, dtype, device)
     # the optimizer before any forward: FSDP2 leaves root parameters unsharded after a no-grad one
-    opt = optimizer(student, cfg)
+    opt = optimizer(student)
     autocast = nullcontext()
     if dtype != torch.float32:
         autocast = torch.autocast(device.type, dtype)

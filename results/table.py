@@ -7,20 +7,29 @@ OUT/runs/ROW/log.jsonl (train.py): tokens, GPU minutes (sum of step times), peak
 %; the short average carries its binomial standard error (items independent, per task n).
 """
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ORDER = ["original", "pi_x4", "abf", "yarn", "cpt", "cpt-general", "mix-cpt", "longred-u",
-         "longred-c", "linearard", "linearard+cpt", "kd", "longred-c+rel", "longred-c+kd",
-         "linearard-query", "linearard-abf", "linearard-yarn", "linearard-long"]
+         "longred-c", "linearard", "linearard+cpt", "linearard+cpt_rel-lr-2e-3", "kd",
+         "longred-c+rel", "longred-c+kd", "linearard-query", "linearard-abf", "linearard-yarn",
+         "linearard-long"]
+
+
+def row_order(row):
+    """ORDER's place of the row's method; its seeds (ROW.sN) and rates (ROW@LR) just after it."""
+    method = re.sub(r"(\.s\d+|@.*)$", "", row)
+    place = ORDER.index(method) if method in ORDER else len(ORDER)
+    return place, row != method, row
 
 
 def load(out):
     """-> [(row, eval results, training log rows)] for each evaluated row."""
     found = {p.parent.name: p for p in Path(out, "eval").glob("*/results.json")}
-    rows = sorted(found, key=lambda r: (ORDER.index(r) if r in ORDER else len(ORDER), r))
+    rows = sorted(found, key=row_order)
     logs = {r: Path(out, "runs", r, "log.jsonl") for r in rows}
     return [(r, json.loads(found[r].read_text()),
              [json.loads(x) for x in logs[r].open()] if logs[r].exists() else []) for r in rows]
@@ -56,6 +65,26 @@ def columns(res, log):
     return c
 
 
+def pearson(x, y):
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 else float("nan")
+
+
+def retention_points(table):
+    """-> [(row, mean hidden-state cosine to the original, short average as % of the original,
+    trained?)] per row: LongReD's claim is that the first predicts the second."""
+    return [(row, float(np.mean(res["drift"]["cos"][:-1])), res["short"].get("ratio", 100),
+             bool(log)) for row, res, log in table]
+
+
+def correlation_line(points):
+    """One line for table.md: Pearson r over every row and over the trained rows alone."""
+    trained = [p for p in points if p[3]]
+    r_all = pearson([p[1] for p in points], [p[2] for p in points])
+    r_trained = pearson([p[1] for p in trained], [p[2] for p in trained])
+    return (f"Hidden cosine vs % of the original: Pearson r = {r_all:.2f} over {len(points)} "
+            f"rows, {r_trained:.2f} over the {len(trained)} trained rows.\n")
+
+
 def plots(table, out):
     """retention.png: short-average retention vs hidden-state similarity (LongReD's correlation);
     needles.png: accuracy by length x depth (mean over kinds) per row."""
@@ -63,14 +92,16 @@ def plots(table, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    x = [np.mean(res["drift"]["cos"][:-1]) for _, res, _ in table]
-    y = [res["short"].get("ratio", 100) for _, res, _ in table]
-    ax.scatter(x, y)
-    for (row, _, _), a, b in zip(table, x, y):
-        ax.annotate(row, (a, b), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    r = np.corrcoef(x, y)[0, 1] if len(x) > 2 else float("nan")
+    points = retention_points(table)
+    x = [cosine for _, cosine, _, _ in points]
+    y = [ratio for _, _, ratio, _ in points]
+    colours = ["tab:blue" if trained else "tab:gray" for _, _, _, trained in points]
+    ax.scatter(x, y, c=colours)
+    for (row, _, _, _), a, b in zip(points, x, y):
+        ax.annotate(row, (a, b), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set(xlabel="mean hidden-state cosine to the original (8K texts)",
-           ylabel="short average, % of the original", title=f"Pearson r = {r:.2f}")
+           ylabel="short average, % of the original",
+           title=f"Pearson r = {pearson(x, y):.2f} (blue: trained rows)")
     fig.savefig(Path(out, "retention.png"), dpi=120, bbox_inches="tight")
     fig, axes = plt.subplots(1, len(table), figsize=(2 * len(table) + 1, 3), squeeze=False,
                              sharey=True)
@@ -97,6 +128,7 @@ def main(out):
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join(
         f"| {row} | " + " | ".join(c.get(h, "-") for h in head[1:]) + " |\n"
         for (row, _, _), c in zip(table, cells))
+    md += "\n" + correlation_line(retention_points(table))
     Path(out, "table.md").write_text(md)
     plots(table, out)
     print(md)

@@ -310,7 +310,8 @@ def test_linearard_recipe():
 def test_linearard_then_cpt_schedule(tiny, tmp_path):
     """linearard+cpt: the relation stage runs its recipe (steps from --rel-tokens at
     --rel-batch-tokens, warm-up 4) whatever --batch-tokens says; the CPT stage takes
-    --batch-tokens and --steps, with its own constant learning rate."""
+    --batch-tokens, --steps and --lr, with its own constant learning rate; the relation stage
+    keeps its recipe's learning rate whatever --lr says."""
     model_cfg = LlamaConfig(vocab_size=256, dim=64, n_layers=30, n_heads=4, n_kv_heads=2,
                             head_dim=16, ffn_dim=128, rope_theta=1e5, max_pos=8192)
     cfg = train.parse_args(["--method", "linearard+cpt", "--batch-tokens", "262144",
@@ -320,7 +321,8 @@ def test_linearard_then_cpt_schedule(tiny, tmp_path):
     assert (cpt.first_step, cpt.steps, cpt.batch_tokens) == (144, 16, 262144)
     rows = run(tiny, tmp_path, "--method", "linearard+cpt", "--steps", "2", "--no-save")
     assert [r["stage"] for r in rows] == ["relation", "relation", "cpt", "cpt"]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-3 / 4, 2e-3 / 4, 1e-3, 1e-3])
+    recipe_lr = methods.LINEARARD.lr  # 2e-5: --lr (1e-3 here) is the last stage's alone
+    assert [r["lr"] for r in rows] == pytest.approx([recipe_lr / 4, 2 * recipe_lr / 4, 1e-3, 1e-3])
     assert [r["tokens"] for r in rows] == [1024, 2048, 3072, 4096]
 
 
