@@ -74,10 +74,40 @@ def test_resume_is_bit_identical(tiny, tmp_path):
             "--target", "512")
 
 
+def two_process_command(tiny, model, method):
+    """train.py's arguments for the 2-process test: 2 steps of 512 tokens in 256-token micro-steps
+    (1 micro-step on each of 2 ranks, or 2 on one)."""
+    return [os.path.join(ROOT, "train.py"), "--init", str(model), "--data", str(tiny / "tokens"),
+            *ARGS, "--method", method, "--steps", "2", "--batch-tokens", "512",
+            "--micro-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    """method -> (the untied model, the folder of its 1-process run). Each method's reference run
+    is made once and shared by the DDP and FSDP cases."""
+    root = tmp_path_factory.mktemp("one_process")
+    cfg = LlamaConfig.from_json(tiny / "model" / "config.json")
+    cfg.tie_embeddings = False
+    torch.manual_seed(1)
+    Llama(cfg).init_random(std=0.1).save_pretrained(root / "untied")
+    runs = {}
+
+    def reference(method):
+        if method not in runs:
+            out = root / method
+            subprocess.run([sys.executable, *two_process_command(tiny, root / "untied", method),
+                            "--out", str(out)], check=True, cwd=ROOT, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            runs[method] = out
+        return root / "untied", runs[method]
+    return reference
+
+
 @pytest.mark.parametrize("shard,method", [("ddp", "longred-c"), ("fsdp", "longred-c"),
                                           ("ddp", "linearard+cpt"), ("fsdp", "linearard+cpt")])
 @pytest.mark.slow
-def test_two_processes_equal_one_with_accumulation(tiny, tmp_path, shard, method):
+def test_two_processes_equal_one_with_accumulation(tiny, one_process, tmp_path, shard, method):
     """torchrun, 2 gloo processes x 1 micro-step == 1 process x 2 micro-steps (same optimisation),
     with DDP and with FSDP2. LongReD-C: CE, both cosine losses, layer selection; the LM head is
     untied, so the rank on an s2l micro-step has no head gradient of its own (it hung FSDP2).
@@ -85,25 +115,17 @@ def test_two_processes_equal_one_with_accumulation(tiny, tmp_path, shard, method
     there AdamW's first CPT steps turn the reduction order's rounding on near-zero gradients
     (|g| ~ eps) into differences below one step (lr 1e-3) in a few weights: at most 1% of them
     may differ, the losses and gradient norms agree to 1e-5."""
-    cfg = LlamaConfig.from_json(tiny / "model" / "config.json")
-    cfg.tie_embeddings = False
-    torch.manual_seed(1)
-    Llama(cfg).init_random(std=0.1).save_pretrained(tmp_path / "untied")
-    common = [os.path.join(ROOT, "train.py"), "--init", str(tmp_path / "untied"), "--data",
-              str(tiny / "tokens"), *ARGS, "--method", method, "--steps", "2",
-              "--batch-tokens", "512", "--micro-tokens", "256"]
+    model, one = one_process(method)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flag = ["--fsdp"] if shard == "fsdp" else []
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(29541 + 2 * (shard == "fsdp") + (method != "longred-c")),
-                          *common, *flag,
+                          *two_process_command(tiny, model, method), *flag,
                           "--out", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True,
                          text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env,
-                   cwd=ROOT, capture_output=True)
     a = Llama.from_pretrained(tmp_path / "two" / "final").state_dict()
-    b = Llama.from_pretrained(tmp_path / "one" / "final").state_dict()
+    b = Llama.from_pretrained(one / "final").state_dict()
     for k in a:
         if method == "linearard+cpt":
             gap = (a[k] - b[k]).abs()
@@ -111,12 +133,10 @@ def test_two_processes_equal_one_with_accumulation(tiny, tmp_path, shard, method
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     rows_two = [json.loads(x) for x in open(tmp_path / "two" / "log.jsonl")]
-    rows_one = [json.loads(x) for x in open(tmp_path / "one" / "log.jsonl")]
+    rows_one = [json.loads(x) for x in open(one / "log.jsonl")]
     assert [r["grad_norm"] for r in rows_two] == pytest.approx([r["grad_norm"] for r in rows_one],
                                                                rel=1e-5)
-    la = losses([json.loads(x) for x in open(tmp_path / "two" / "log.jsonl")])
-    lb = losses([json.loads(x) for x in open(tmp_path / "one" / "log.jsonl")])
-    assert la == pytest.approx(lb, rel=1e-5)
+    assert losses(rows_two) == pytest.approx(losses(rows_one), rel=1e-5)
 
 
 def test_bad_inputs(tiny, tmp_path):
