@@ -304,8 +304,8 @@ def describe(plan, cfg, world):
                   *[f"    note: {st.requested_batch:,} tokens/step asked; whole windows and "
                     f"whole cycles of the mix on {world} ranks give {st.batch_tokens:,}"]
                   * (st.requested_batch != st.batch_tokens),
-                  f"    trains {st.train_params or 'all parameters'}; lr {st.lr:g}, warm-up {st.warmup}, "
-                  f"cosine to {st.final_lr:g} x lr, clip {st.clip:g}, "
+                  f"    trains {st.train_params or 'all parameters'}; lr {st.lr:g}, "
+                  f"warm-up {st.warmup}, cosine to {st.final_lr:g} x lr, clip {st.clip:g}, "
                   f"wd {st.weight_decay:g}, beta2 {st.beta2:g}"]
     if plan.data_tokens:
         total = sum(st.steps * st.batch_tokens for st in plan.stages)

@@ -1,8 +1,12 @@
 """The results scripts' own arithmetic against the project's functions."""
 import importlib.util
+import json
 import math
 import os
+import shutil
 
+import numpy as np
+import pytest
 import torch
 
 import distill
@@ -42,11 +46,6 @@ def test_table_of_the_regime_orders_seeds_and_reports_the_correlation(tmp_path):
     """table.py on the committed regime results (results/forget-h200): a method's seeds and
     rates follow it, and the correlation line counts every row and the trained rows (those with a
     training log) apart, with Pearson r computed here from the rows' results.json."""
-    import json
-    import shutil
-
-    import numpy as np
-
     table = load_script("table")
     source = os.path.join(ROOT, "results", "forget-h200")
     shutil.copytree(os.path.join(source, "eval"), tmp_path / "eval")
@@ -73,14 +72,9 @@ def test_table_of_the_regime_orders_seeds_and_reports_the_correlation(tmp_path):
     assert (tmp_path / "retention.png").stat().st_size > 0
 
 
-def test_loss_curve_reads_the_training_log(tmp_path, capsys):
+def test_loss_curve_reads_the_training_log(tmp_path):
     """loss_curve.py on a committed LinearARD log: each reading is the mean of the 5 steps ending
     there; a row without a log is a one-line error."""
-    import json
-    import shutil
-
-    import pytest
-
     curve = load_script("loss_curve")
     source = os.path.join(ROOT, "results", "forget-h200", "runs", "linearard-long")
     shutil.copytree(source, tmp_path / "runs" / "linearard-long")

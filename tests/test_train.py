@@ -118,8 +118,9 @@ def test_two_processes_equal_one_with_accumulation(tiny, one_process, tmp_path, 
     model, one = one_process(method)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flag = ["--fsdp"] if shard == "fsdp" else []
+    port = 29541 + 2 * (shard == "fsdp") + (method != "longred-c")  # one per case
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29541 + 2 * (shard == "fsdp") + (method != "longred-c")),
+                          "--master_port", str(port),
                           *two_process_command(tiny, model, method), *flag,
                           "--out", str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True,
                          text=True)
