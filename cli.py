@@ -25,7 +25,13 @@ def fail(program, message):
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written; every flag's default after its help."""
+    """The module docstring as written; every flag's default after its help, unless the help
+    already says it or there is none to show."""
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if "(default" in help or action.default is None:
+            return help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

@@ -135,7 +135,10 @@ def load_tokens(folder, tokenizer_dir, vocab_size, flag="--data"):
     -> (tokens, tokenizer hash or None, eos id or 0); with no tokenizer only the vocab is checked.
     """
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{flag} {folder}: no such folder; run `python data.py setup` or "
+        setup = "python data.py setup"
+        if flag == "--long-data":  # the forgetting regime's technical corpus
+            setup = "python data.py setup --tech"
+        raise FileNotFoundError(f"{flag} {folder}: no such folder; run `{setup}` or "
                                 "`python data.py prepare --out DIR your_texts`")
     shards = sorted(Path(folder).glob("*.bin"))
     if not shards:

@@ -810,6 +810,12 @@ def bad_flag_values(opt):
     if unknown:
         return (f"unknown suite or needle kind {sorted(unknown)}; suites: {', '.join(SUITES)}; "
                 f"kinds: {', '.join(KINDS)}")
+    named = [name.partition("/")[0] for name in opt.tasks.split(",")
+             if not name.endswith((".jsonl", ".gz"))]  # task names; request files are paths
+    unknown_tasks = sorted(set(named) - set(TASKS))
+    if "short" in opt.suite.split(",") and unknown_tasks:
+        return (f"unknown task {unknown_tasks}; tasks: {', '.join(TASKS)}, or a request file "
+                f"(.jsonl or .gz)")
     if opt.lengths and not is_number_list(opt.lengths, int):
         return f"--lengths {opt.lengths}: give token counts, comma-separated, e.g. 8192,32768"
     if not is_number_list(opt.depths, float):

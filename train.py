@@ -183,7 +183,8 @@ def select_layers(plan, cfg, student, teacher, tokens, device, rank, world, auto
     n_layers = teacher.model.cfg.n_layers
     every = tuple(range(n_layers))
     kl_sum = torch.zeros(n_layers, dtype=torch.float64, device=device)
-    for text in range(rank, cfg.select_texts, world):
+    texts = range(rank, cfg.select_texts, world)
+    for text in tqdm(texts, desc="LongReD layer selection (attention KL)", disable=rank != 0):
         x, pos = data.windows(tokens, plan.orig, 1, cfg.seed, 2**62 + text, 0)
         x = torch.as_tensor(x, device=device)
         pos = torch.as_tensor(pos, device=device)
@@ -507,6 +508,10 @@ def prepare(cfg):
     dtype = dtypes[cfg.dtype]
     init_cfg = LlamaConfig.of(cfg.init)
     tokens, tok_hash, eos = data.load_tokens(cfg.data, cfg.init, init_cfg.vocab_size)
+    long_tokens = tokens  # the long windows' text: --data's, or --long-data's
+    if cfg.long_data:  # read before the models, so a missing folder fails at once
+        long_tokens = data.load_tokens(cfg.long_data, cfg.init, init_cfg.vocab_size,
+                                       flag="--long-data")[0]
     plan = make_plan(cfg, init_cfg, world, data_tokens=len(tokens))
     plan = replace(plan, eos=eos)
     student, teacher = build(cfg, plan, dtype, device)
@@ -522,11 +527,8 @@ def prepare(cfg):
         if cfg.fsdp:
             student.reshard()
     starts = data.doc_starts(tokens, eos)
-    long_tokens = tokens
     long_starts = starts
     if cfg.long_data:
-        long_tokens = data.load_tokens(cfg.long_data, cfg.init, init_cfg.vocab_size,
-                                       flag="--long-data")[0]
         long_starts = data.doc_starts(long_tokens, eos)
     run = Run(cfg=cfg, plan=plan, rank=rank, world=world, device=device, student=student,
               teacher=teacher, core=student.model, opt=opt, tokens=tokens, starts=starts,
@@ -548,7 +550,10 @@ def prepare(cfg):
 def check_out(cfg):
     """Refuse to mix two runs in one --out: a used folder needs --resume or --overwrite. Runs on
     every rank before the rendezvous, so before anything is written."""
-    used = [name for name in ("log.jsonl", "ckpt", "final") if os.path.exists(f"{cfg.out}/{name}")]
+    run_files = ("log.jsonl", "ckpt", "final")
+    if cfg.no_save:  # a speed run's log replaces an earlier log; checkpoints and exports stay safe
+        run_files = ("ckpt", "final")
+    used = [name for name in run_files if os.path.exists(f"{cfg.out}/{name}")]
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if cfg.resume and not os.path.isfile(f"{cfg.out}/ckpt/state.pt") \

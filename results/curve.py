@@ -94,6 +94,9 @@ def plot(out, row, steps, ratios, errors, passkeys):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
     if not 2 <= len(sys.argv) <= 4:
         raise SystemExit("usage: python results/curve.py OUT [ROW [START]]")
     main(*sys.argv[1:])

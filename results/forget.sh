@@ -19,7 +19,15 @@
 #                                               (CPU: table.sh's toy sizes, 2 steps, the curve)
 set -eu
 here=$(dirname "$0")
+if [ $# -lt 1 ]; then
+  echo "usage: [SMOKE=1] bash results/forget.sh OUT [ROW ...]  (rows: results/table.sh)" >&2
+  exit 2
+fi
 export LONG_DATA=${LONG_DATA:-assets/tokens-tech}
+if [ ! -d "$LONG_DATA" ]; then  # before any row runs
+  echo "forget.sh: no $LONG_DATA (the long windows' technical text); run \`python data.py setup --tech\` first" >&2
+  exit 2
+fi
 export LR=${LR:-2e-3}
 export WARMUP=${WARMUP:-8}
 if [ -z "${SMOKE:-}" ]; then  # SMOKE keeps table.sh's toy sizes

@@ -91,9 +91,8 @@ def markdown(results, layers):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder for linearard_diagnosis.json and .md")
     parser.add_argument("--base", default="assets/smollm2-135m", help="the original model")
     parser.add_argument("--students", default="pi,abf,yarn",

@@ -41,9 +41,8 @@ def checkpoints(last_step):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="the folder of results/table.sh (or forget.sh)")
     parser.add_argument("rows", nargs="+", help="rows with OUT/runs/ROW/log.jsonl")
     parser.add_argument("--loss", default="loss_rel", help="the logged loss (loss_rel, "

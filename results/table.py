@@ -41,9 +41,10 @@ def kilo(n):
 
 def columns(res, log):
     """One row's cells: training cost, short tasks, perplexities, needles, drift."""
+    on_gpu = any("mem_gb" in r for r in log)  # train.py logs GPU memory only on a GPU
     c = {"tokens": f"{log[-1]['tokens'] / 1e6:.3g}M" if log else "0",
-         "GPU min": f"{sum(r['sec'] for r in log) / 60:.1f}" if log else "-",
-         "peak GB": f"{max(r.get('mem_gb', 0) for r in log):.1f}" if log else "-"}
+         "GPU min": f"{sum(r['sec'] for r in log) / 60:.1f}" if on_gpu else "-",
+         "peak GB": f"{max(r.get('mem_gb', 0) for r in log):.1f}" if on_gpu else "-"}
     s, l, d = res["short"], res["long"], res["drift"]
     c.update({t: f"{100 * v[v['primary']]:.1f}" for t, v in s["tasks"].items()})
     se = np.sqrt(sum(v[v["primary"]] * (1 - v[v["primary"]]) / v["n"] for v in
@@ -66,7 +67,10 @@ def columns(res, log):
 
 
 def pearson(x, y):
-    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 else float("nan")
+    """Pearson r, or nan below 3 points."""
+    if len(x) < 3:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def retention_points(table):
@@ -81,6 +85,9 @@ def correlation_line(points):
     trained = [p for p in points if p[3]]
     r_all = pearson([p[1] for p in points], [p[2] for p in points])
     r_trained = pearson([p[1] for p in trained], [p[2] for p in trained])
+    if len(trained) < 3:
+        return (f"Hidden cosine vs % of the original: Pearson r = {r_all:.2f} over "
+                f"{len(points)} rows (fewer than 3 trained rows for their own r).\n")
     return (f"Hidden cosine vs % of the original: Pearson r = {r_all:.2f} over {len(points)} "
             f"rows, {r_trained:.2f} over the {len(trained)} trained rows.\n")
 
@@ -135,4 +142,7 @@ def main(out):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
     main(sys.argv[1] if len(sys.argv) > 1 else "out/table")

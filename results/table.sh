@@ -16,6 +16,10 @@
 # ROW@LR trains ROW's method at peak learning rate LR instead of 2e-5 (e.g. longred-c@1e-4).
 # Trained students go to OUT/runs/ROW/final, evaluations to OUT/eval/ROW/.
 set -eu
+if [ $# -lt 1 ]; then
+  echo "usage: [SMOKE=1] bash results/table.sh OUT [ROW ...]  (rows and settings: the comment at the top)" >&2
+  exit 2
+fi
 out=$1; shift
 rows=${*:-original pi_x4 abf cpt mix-cpt longred-u longred-c linearard linearard+cpt kd}
 base=${BASE:-assets/smollm2-135m}

@@ -362,3 +362,13 @@ def test_warns_when_nothing_to_extend(tmp_path, tiny_inputs, capsys):
                                "1", "--t-orig", "128")))
     err = capsys.readouterr().err
     assert "the original window 128 (--t-orig) is not below the target 64" in err
+
+
+def test_misspelt_task_is_named_before_the_model_loads(tmp_path, capsys):
+    """--tasks with a name no task has: one line listing the tasks, before any model is read
+    (the model folder here does not exist, so a later check would name it instead)."""
+    code, lines = cli_error(["--model", str(tmp_path / "nothing"), "--suite", "short",
+                             "--tasks", "hellaswg,piqa", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(lines) == 1
+    assert "unknown task ['hellaswg']" in lines[0] and "hellaswag" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -24,8 +24,10 @@ def commands(tmp_path, script, rows, env):
                             "EXPORT_EVERY", "SMOKE")}
     run_env.update(env)
     run_env["PATH"] = f"{shim}:{run_env['PATH']}"
+    work = tmp_path / "work"  # the scripts' working directory, with the regime's long text
+    (work / "assets" / "tokens-tech").mkdir(parents=True, exist_ok=True)
     subprocess.run(["bash", str(ROOT / "results" / script), str(tmp_path / "out"), *rows],
-                   cwd=ROOT, env=run_env, check=True, capture_output=True, text=True)
+                   cwd=work, env=run_env, check=True, capture_output=True, text=True)
     return [shlex.split(line) for line in record.read_text().splitlines()]
 
 
@@ -100,3 +102,17 @@ def test_forget_sh_defaults_are_the_measured_regime(tmp_path):
     assert value(longred, "--long-data") == "assets/tokens-tech"
     evaluations = [call for call in calls if call[0] == "eval.py"]
     assert {value(call, "--limit") for call in evaluations} == {"1000"}
+
+
+def test_scripts_refuse_bad_calls_in_one_line(tmp_path):
+    """No OUT: a usage line; forget.sh without the technical text: the set-up to run, before any
+    row runs."""
+    for script in ("table.sh", "forget.sh"):
+        result = subprocess.run(["bash", str(ROOT / "results" / script)], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith("usage:"), result.stderr
+    result = subprocess.run(["bash", str(ROOT / "results" / "forget.sh"), str(tmp_path / "out")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "python data.py setup --tech" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -325,6 +325,19 @@ def test_used_out_is_refused_before_any_work(tiny, tmp_path):
         run(tiny, tmp_path / "new", "--method", "cpt", "--steps", "1", "--resume")
 
 
+def test_no_save_runs_replace_only_a_log(tiny, tmp_path):
+    """--no-save (speed runs) into a folder holding only an earlier log replaces the log; a
+    folder with a checkpoint or an export is still refused."""
+    speed = tmp_path / "speed"
+    run(tiny, speed, "--method", "cpt", "--steps", "2", "--no-save")
+    again = run(tiny, speed, "--method", "cpt", "--steps", "1", "--no-save")
+    assert [r["step"] for r in again] == [1]
+    saved = tmp_path / "saved"
+    run(tiny, saved, "--method", "cpt", "--steps", "1")
+    with pytest.raises(ValueError, match=r"already holds a run \(ckpt, final\)"):
+        run(tiny, saved, "--method", "cpt", "--steps", "1", "--no-save")
+
+
 def test_written_files_are_readable_json_and_0644(tiny, tmp_path):
     """log.jsonl is strict JSON (no NaN: mfu is left out on CPU); files get the umask's mode."""
     run(tiny, tmp_path, "--method", "longred-c", "--steps", "1")
@@ -405,7 +418,10 @@ def test_long_data_feeds_the_long_windows_alone(tiny, tmp_path, monkeypatch):
         "--long-data", str(tmp_path / "long"))
     with pytest.raises(ValueError, match="long_data_tokens"):  # a resume without it is refused
         run(tiny, out, "--method", "cpt", "--steps", "2", "--resume")
-    with pytest.raises(FileNotFoundError, match="--long-data"):
+    with pytest.raises(FileNotFoundError, match="--long-data .*setup --tech"):
+        run(tiny, tmp_path / "other", "--long-data", str(tmp_path / "missing"))
+    monkeypatch.setattr(train, "build", lambda *a: pytest.fail("models built before the check"))
+    with pytest.raises(FileNotFoundError, match="--long-data"):  # before the models load
         run(tiny, tmp_path / "other", "--long-data", str(tmp_path / "missing"))
 
 
