@@ -28,9 +28,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """The module docstring as written; every flag's default after its help, unless the help
     already says it or there is none to show."""
     def _get_help_string(self, action):
-        help = action.help or ""
-        if "(default" in help or action.default is None:
-            return help
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
         return super()._get_help_string(action)
 
 

