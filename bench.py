@@ -3,6 +3,7 @@
 P1: relation KL (Q/Q self, causal, exact) fwd+bwd vs SDPA fwd+bwd (cuDNN, flash, efficient) and a
 dense fp32 reference; `--blocks` sweeps its tile, `--profile` lists its kernels.
 P2: chunked logit KD vs a GEMM-only chunk loop and a naive full-vocab KL.
+P8 rel (`--only rel`): LinearARD's relation loss on one micro-step of SmolLM2, per tile.
 P4: the model's own attention call (GQA without repeat, q/k/v as views) vs the best backend.
 P3 (`--only p3 -- TRAIN_ARGS`): train.py's 2nd optimizer step, its GPU time split into attention,
 GEMMs, teacher forward and each loss.
@@ -201,6 +202,50 @@ def print_kernels(prof, count):
         share = e.self_device_time_total / max(total, 1)
         print(f"  {e.self_device_time_total / 1e3:9.2f} ms {share:6.1%} x{e.count:<5} "
               f"{e.key[:90]}")
+
+
+# ---- P8's relation loss: LinearARD's micro-step ---------------------------------------------
+
+SMOLLM2_ATTENTION = {"layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64}
+
+
+def relation_captures(B, T, shape, device, dtype):
+    """Teacher and student q/k/v of every layer, {"q": {l: (B,H,T,hd)}, "k", "v": (B,K,T,hd)},
+    as train.py hands them to relation_loss (the student's require grad)."""
+    heads = {"q": shape["heads"], "k": shape["kv_heads"], "v": shape["kv_heads"]}
+    captures = []
+    for requires_grad in (False, True):
+        cap = {kind: {} for kind in heads}
+        for kind, count in heads.items():
+            for layer in range(shape["layers"]):
+                cap[kind][layer] = torch.randn(B, count, T, shape["head_dim"], device=device,
+                                               dtype=dtype, requires_grad=requires_grad)
+        captures.append(cap)
+    return captures
+
+
+def bench_rel(options, device, dtype, timed, out):
+    """distill.relation_loss fwd+bwd on one LinearARD micro-step of SmolLM2 (Q/Q, K/K, V/V of 30
+    layers, --rel-batch windows of T = --sizes' first, 4096 by default) for each tile of
+    --blocks (default: relation_loss's own, distill.RELATION_TILE)."""
+    shape = dict(SMOLLM2_ATTENTION)
+    if options.quick:
+        shape = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
+    T = (options.sizes or ((64,) if options.quick else (4096,)))[0]
+    B = options.rel_batch
+    layers = list(range(shape["layers"]))
+    blocks = options.blocks or (None,)
+
+    def step(cap_t, cap_s, block):
+        keywords = {} if block is None else {"block": block}
+        distill.relation_loss(cap_t, cap_s, layers, **keywords).backward()
+    for block in blocks:
+        label = "its own tile" if block is None else f"tile {block}"
+        milliseconds, _ = timed("P8", f"relation_loss, {B} x {T}, {label}", T,
+                                lambda cap_t, cap_s, block=block: step(cap_t, cap_s, block),
+                                lambda: relation_captures(B, T, shape, device, dtype))
+        tile_name = "own" if block is None else "x".join(map(str, distill._tile_shape(block)))
+        out[f"p8_rel_ms_{T}_{tile_name}"] = milliseconds
 
 
 # ---- P2: logit KD ----------------------------------------------------------------------------
@@ -418,7 +463,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__)
-    parser.add_argument("--only", choices=("p1", "p2", "p3", "p4", "presets"),
+    parser.add_argument("--only", choices=("p1", "p2", "p3", "p4", "rel", "presets"),
                         help="run one goal only (p3, presets: train.py arguments after --)")
     parser.add_argument("train_args", nargs="*", help="with --only p3 or presets: train.py "
                         "arguments")
@@ -430,10 +475,12 @@ def parse_args(argv=None):
     parser.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")),
                         help="P1 sequence lengths, comma-separated (default 4K..32K)")
     parser.add_argument("--blocks", type=lambda s: tuple(tile(v) for v in s.split(",")),
-                        default=(), help="relation_kl tiles ROWSxCOLS, comma-separated: the "
-                        "first for every size, the rest at the largest (default: its own)")
+                        default=(), help="relation_kl tiles ROWSxCOLS, comma-separated. P1: the "
+                        "first for every size, the rest at the largest; rel: each (default: its own)")
     parser.add_argument("--profile", action="store_true", help="P1: kernels of one call at the "
                         "largest size")
+    parser.add_argument("--rel-batch", type=int, default=8, help="--only rel: windows per "
+                        "micro-step (8 x 4096 = one 32K micro-step of the LinearARD preset)")
     parser.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
     options = parser.parse_args(argv)
     if options.reps < 1:
@@ -461,7 +508,7 @@ def main(argv=None):
     def timed(goal, what, n, fn, make):  # measure fn(*make()) and add its row to the table
         rows.append((goal, what, n, *measure(fn, make, options.reps, device)))
         return rows[-1][3:]
-    for goal, bench in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4)):
+    for goal, bench in (("p1", bench_p1), ("p2", bench_p2), ("p4", bench_p4), ("rel", bench_rel)):
         if options.only in (None, goal):
             bench(options, device, dtype, timed, out)
     print(f"\n{out['device']}, torch {out['torch']}")

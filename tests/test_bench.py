@@ -29,6 +29,18 @@ def test_quick_relation_kl_with_a_tile_sweep(tmp_path):
     assert "p1_ours_over_cudnn_128" in stdout
 
 
+
+def test_quick_relation_loss_tile_sweep(tmp_path):
+    """--only rel: LinearARD's relation loss on one micro-step, one row per tile."""
+    out = tmp_path / "bench.json"
+    bench("--quick", "--only", "rel", "--sizes", "48", "--rel-batch", "2", "--blocks",
+          "16x8,48x48", "--reps", "1", "--json", str(out))
+    results = json.loads(out.read_text())
+    whats = [row["what"] for row in results["rows"]]
+    assert whats == ["relation_loss, 2 x 48, tile (16, 8)", "relation_loss, 2 x 48, tile (48, 48)"]
+    assert results["p8_rel_ms_48_16x8"] > 0
+
+
 @pytest.mark.slow
 def test_presets_side_by_side(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "presets.json"
