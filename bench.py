@@ -226,12 +226,12 @@ def relation_captures(B, T, shape, device, dtype):
 
 def bench_rel(options, device, dtype, timed, out):
     """distill.relation_loss fwd+bwd on one LinearARD micro-step of SmolLM2 (Q/Q, K/K, V/V of 30
-    layers, --rel-batch windows of T = --sizes' first, 4096 by default) for each tile of
-    --blocks (default: relation_loss's own, distill.RELATION_TILE)."""
+    layers, --rel-batch windows of --rel-len positions) for each tile of --blocks (default:
+    relation_loss's own, distill.RELATION_TILE)."""
     shape = dict(SMOLLM2_ATTENTION)
     if options.quick:
         shape = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
-    T = (options.sizes or ((64,) if options.quick else (4096,)))[0]
+    T = options.rel_len
     B = options.rel_batch
     layers = list(range(shape["layers"]))
     blocks = options.blocks or (None,)
@@ -244,8 +244,7 @@ def bench_rel(options, device, dtype, timed, out):
         milliseconds, _ = timed("P8", f"relation_loss, {B} x {T}, {label}", T,
                                 lambda cap_t, cap_s, block=block: step(cap_t, cap_s, block),
                                 lambda: relation_captures(B, T, shape, device, dtype))
-        tile_name = "own" if block is None else "x".join(map(str, distill._tile_shape(block)))
-        out[f"p8_rel_ms_{T}_{tile_name}"] = milliseconds
+        out[f"p8_rel_ms_{T}_{tile_name(block)}"] = milliseconds
 
 
 # ---- P2: logit KD ----------------------------------------------------------------------------
@@ -459,6 +458,15 @@ def tile(text):
     return int(text)
 
 
+def tile_name(block):
+    """None -> 'own'; 1024 -> '1024x1024'; (2048, 1024) -> '2048x1024'."""
+    if block is None:
+        return "own"
+    if isinstance(block, int):
+        return f"{block}x{block}"
+    return f"{block[0]}x{block[1]}"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -479,12 +487,18 @@ def parse_args(argv=None):
                         "first for every size, the rest at the largest; rel: each (default: its own)")
     parser.add_argument("--profile", action="store_true", help="P1: kernels of one call at the "
                         "largest size")
-    parser.add_argument("--rel-batch", type=int, default=8, help="--only rel: windows per "
-                        "micro-step (8 x 4096 = one 32K micro-step of the LinearARD preset)")
+    parser.add_argument("--rel-batch", type=int, default=8, help="rel: windows per micro-step "
+                        "(8 x 4096 = one 32K micro-step of the LinearARD preset)")
+    parser.add_argument("--rel-len", type=int, help="rel: positions per window (default "
+                        "LinearARD's 4096; 64 with --quick)")
     parser.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")
     options = parser.parse_args(argv)
     if options.reps < 1:
         parser.error("--reps must be >= 1")
+    if options.rel_len is None:
+        options.rel_len = 64 if options.quick else 4096
+    if options.rel_batch < 1 or options.rel_len < 1:
+        parser.error("--rel-batch and --rel-len must be >= 1")
     return parser, options
 
 

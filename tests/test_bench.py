@@ -33,7 +33,7 @@ def test_quick_relation_kl_with_a_tile_sweep(tmp_path):
 def test_quick_relation_loss_tile_sweep(tmp_path):
     """--only rel: LinearARD's relation loss on one micro-step, one row per tile."""
     out = tmp_path / "bench.json"
-    bench("--quick", "--only", "rel", "--sizes", "48", "--rel-batch", "2", "--blocks",
+    bench("--quick", "--only", "rel", "--rel-len", "48", "--rel-batch", "2", "--blocks",
           "16x8,48x48", "--reps", "1", "--json", str(out))
     results = json.loads(out.read_text())
     whats = [row["what"] for row in results["rows"]]
