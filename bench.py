@@ -227,7 +227,8 @@ def relation_captures(B, T, shape, device, dtype):
 def bench_rel(options, device, dtype, timed, out):
     """distill.relation_loss fwd+bwd on one LinearARD micro-step of SmolLM2 (Q/Q, K/K, V/V of 30
     layers, --rel-batch windows of --rel-len positions) for each tile of --blocks (default:
-    relation_loss's own, distill.RELATION_TILE)."""
+    relation_loss's own, distill.RELATION_TILE) and each --tile-elements (how many relations
+    one relation_kl call stacks; default relation_loss's own)."""
     shape = dict(SMOLLM2_ATTENTION)
     if options.quick:
         shape = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
@@ -235,16 +236,27 @@ def bench_rel(options, device, dtype, timed, out):
     B = options.rel_batch
     layers = list(range(shape["layers"]))
     blocks = options.blocks or (None,)
+    budgets = options.tile_elements or (None,)
 
-    def step(cap_t, cap_s, block):
-        keywords = {} if block is None else {"block": block}
+    def step(cap_t, cap_s, block, budget):
+        keywords = {}
+        if block is not None:
+            keywords["block"] = block
+        if budget is not None:
+            keywords["tile_elements"] = budget
         distill.relation_loss(cap_t, cap_s, layers, **keywords).backward()
     for block in blocks:
-        label = "its own tile" if block is None else f"tile {block}"
-        milliseconds, _ = timed("P8", f"relation_loss, {B} x {T}, {label}", T,
-                                lambda cap_t, cap_s, block=block: step(cap_t, cap_s, block),
-                                lambda: relation_captures(B, T, shape, device, dtype))
-        out[f"p8_rel_ms_{T}_{tile_name(block)}"] = milliseconds
+        for budget in budgets:
+            label = "its own tile" if block is None else f"tile {block}"
+            name = f"p8_rel_ms_{T}_{tile_name(block)}"
+            if budget is not None:
+                label += f", tile_elements {budget:,}"
+                name += f"_{budget}"
+            milliseconds, _ = timed(
+                "P8", f"relation_loss, {B} x {T}, {label}", T,
+                lambda cap_t, cap_s, block=block, budget=budget: step(cap_t, cap_s, block, budget),
+                lambda: relation_captures(B, T, shape, device, dtype))
+            out[name] = milliseconds
 
 
 # ---- P2: logit KD ----------------------------------------------------------------------------
@@ -489,6 +501,9 @@ def parse_args(argv=None):
                         "largest size")
     parser.add_argument("--rel-batch", type=int, default=8, help="rel: windows per micro-step "
                         "(8 x 4096 = one 32K micro-step of the LinearARD preset)")
+    parser.add_argument("--tile-elements", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        help="rel: relation_loss's stacking budgets, comma-separated (fp32 "
+                        "elements of one stacked tile; default its own, 2^28)")
     parser.add_argument("--rel-len", type=int, help="rel: positions per window (default "
                         "LinearARD's 4096; 64 with --quick)")
     parser.add_argument("--chunk", type=int, default=2048, help="logit_kd tokens per chunk")

@@ -34,11 +34,12 @@ def test_quick_relation_loss_tile_sweep(tmp_path):
     """--only rel: LinearARD's relation loss on one micro-step, one row per tile."""
     out = tmp_path / "bench.json"
     bench("--quick", "--only", "rel", "--rel-len", "48", "--rel-batch", "2", "--blocks",
-          "16x8,48x48", "--reps", "1", "--json", str(out))
+          "16x8,48x48", "--tile-elements", "1000,100000", "--reps", "1", "--json", str(out))
     results = json.loads(out.read_text())
     whats = [row["what"] for row in results["rows"]]
-    assert whats == ["relation_loss, 2 x 48, tile (16, 8)", "relation_loss, 2 x 48, tile (48, 48)"]
-    assert results["p8_rel_ms_48_16x8"] > 0
+    assert whats == [f"relation_loss, 2 x 48, tile {tile}, tile_elements {budget}"
+                     for tile in ("(16, 8)", "(48, 48)") for budget in ("1,000", "100,000")]
+    assert results["p8_rel_ms_48_16x8_1000"] > 0
 
 
 @pytest.mark.slow
