@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import model
 
 LINEARARD_32K_MS = 16386.0  # LinearARD's published Triton kernel, n = 32768, measured on an H100
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
@@ -206,18 +207,15 @@ def print_kernels(prof, count):
 
 # ---- P8's relation loss: LinearARD's micro-step ---------------------------------------------
 
-SMOLLM2_ATTENTION = {"layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64}
-
-
 def relation_captures(B, T, shape, device, dtype):
     """Teacher and student q/k/v of every layer, {"q": {l: (B,H,T,hd)}, "k", "v": (B,K,T,hd)},
-    as train.py hands them to relation_loss (the student's require grad)."""
-    heads = {"q": shape["heads"], "k": shape["kv_heads"], "v": shape["kv_heads"]}
+    as train.py hands them to relation_loss (the student's require grad); shape as model.SHAPES."""
+    heads = {"q": shape["n_heads"], "k": shape["n_kv_heads"], "v": shape["n_kv_heads"]}
     captures = []
     for requires_grad in (False, True):
         cap = {kind: {} for kind in heads}
         for kind, count in heads.items():
-            for layer in range(shape["layers"]):
+            for layer in range(shape["n_layers"]):
                 cap[kind][layer] = torch.randn(B, count, T, shape["head_dim"], device=device,
                                                dtype=dtype, requires_grad=requires_grad)
         captures.append(cap)
@@ -229,12 +227,12 @@ def bench_rel(options, device, dtype, timed, out):
     layers, --rel-batch windows of --rel-len positions) for each tile of --blocks (default:
     relation_loss's own, distill.RELATION_TILE) and each --tile-elements (how many relations
     one relation_kl call stacks; default relation_loss's own)."""
-    shape = dict(SMOLLM2_ATTENTION)
+    shape = model.SHAPES["smollm2-135m"]
     if options.quick:
-        shape = {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16}
+        shape = {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16}
     T = options.rel_len
     B = options.rel_batch
-    layers = list(range(shape["layers"]))
+    layers = list(range(shape["n_layers"]))
     blocks = options.blocks or (None,)
     budgets = options.tile_elements or (None,)
 
@@ -512,8 +510,8 @@ def parse_args(argv=None):
         parser.error("--reps must be >= 1")
     if options.rel_len is None:
         options.rel_len = 64 if options.quick else 4096
-    if options.rel_batch < 1 or options.rel_len < 1:
-        parser.error("--rel-batch and --rel-len must be >= 1")
+    if options.rel_batch < 1 or options.rel_len < 1 or min(options.tile_elements or (1,)) < 1:
+        parser.error("--rel-batch, --rel-len and --tile-elements must be >= 1")
     return parser, options
 
 

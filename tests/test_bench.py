@@ -29,7 +29,6 @@ def test_quick_relation_kl_with_a_tile_sweep(tmp_path):
     assert "p1_ours_over_cudnn_128" in stdout
 
 
-
 def test_quick_relation_loss_tile_sweep(tmp_path):
     """--only rel: LinearARD's relation loss on one micro-step, one row per tile."""
     out = tmp_path / "bench.json"
